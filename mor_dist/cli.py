@@ -1,0 +1,46 @@
+"""`mor` command line: one subcommand per job, each a thin shell over the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args) -> int:
+    from mor_dist.config import load_config
+    from mor_dist.model.accounting import model_info
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(model_info(cfg), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mor", description="Mixture-of-Recursions distributed pretraining")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameter counts, layout and FLOPs of a config (no weights allocated)")
+    p.add_argument("config", help="YAML config, e.g. configs/paper/360m/mor_nr3.yaml")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.recursions=3")
+    p.set_defaults(func=_info)
+
+    from mor_dist.data_pipeline.cli import add_data_parser
+
+    add_data_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mor_dist.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"mor: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Config tree (schema), loading with overrides, and validation."""
+
+from mor_dist.config.load import load_config, to_yaml
+from mor_dist.config.schema import MoRConfig
+from mor_dist.config.validate import ConfigError, validate
+
+__all__ = ["ConfigError", "MoRConfig", "load_config", "to_yaml", "validate"]

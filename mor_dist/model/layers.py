@@ -1,0 +1,127 @@
+"""Llama building blocks: RMSNorm, RoPE, SwiGLU, grouped-query attention, the transformer layer.
+
+Plain torch. Tensor parallelism later swaps the nn.Linear projections for megatron-core parallel
+layers from outside; that is why head counts are read off the projection outputs at run time instead
+of being stored here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mor_dist.kernels import routed_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for bf16 stability, as Llama does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables indexed by a token's *original* position, so gathered tokens keep their place."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        t = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (S, D/2)
+        # Not persistent: derived from the config, so never part of a checkpoint.
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, K, D); pos: (B, K) original positions. Rotate-half convention (as HF Llama)."""
+        if pos.numel() and int(pos.max()) >= self.cos.shape[0]:
+            raise ValueError(
+                f"position {int(pos.max())} exceeds model.max_seq_len={self.cos.shape[0]}"
+            )
+        cos = self.cos[pos].unsqueeze(1)  # (B, 1, K, D/2)
+        sin = self.sin[pos].unsqueeze(1)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return out.type_as(x)
+
+
+@dataclass
+class TokenFrame:
+    """Which tokens a layer call sees, and how its attention finds keys.
+
+    pos: (B, K) original positions of the (gathered) tokens.
+    valid: (B, K) bool, False on padding slots; None when every slot is a real token.
+    kv_mode: "own" computes K/V from these tokens; "record" also stores them in kv_store (recursion 1
+        under recursive KV sharing); "reuse" skips the K/V projections and attends to kv_store.
+    """
+
+    pos: torch.Tensor
+    valid: torch.Tensor | None = None
+    kv_mode: str = "own"
+    kv_store: dict = field(default_factory=dict)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: RotaryEmbedding):
+        super().__init__()
+        self.head_dim = head_dim
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.rope = rope
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, k, _ = x.shape
+        return x.view(b, k, -1, self.head_dim).transpose(1, 2)  # (B, H, K, D)
+
+    def forward(self, x: torch.Tensor, frame: TokenFrame, key) -> torch.Tensor:
+        q = self.rope(self._heads(self.wq(x)), frame.pos)
+        if frame.kv_mode == "reuse":
+            # Recursive KV sharing: this layer's K/V from recursion 1 (all its tokens); the active
+            # queries see the ones at or before their original position.
+            k, v, k_pos, k_valid = frame.kv_store[key]
+            out = routed_attention(q, k, v, frame.pos, k_pos, k_valid)
+        else:
+            k = self.rope(self._heads(self.wk(x)), frame.pos)
+            v = self._heads(self.wv(x))
+            if frame.kv_mode == "record":
+                frame.kv_store[key] = (k, v, frame.pos, frame.valid)
+            out = routed_attention(q, k, v, frame.pos, frame.pos, frame.valid, same_tokens=True)
+        b, _, n, _ = out.shape
+        return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm Llama layer: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, d_model, n_heads, n_kv_heads, head_dim, d_ff, norm_eps, rope):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, norm_eps)
+        self.attn = Attention(d_model, n_heads, n_kv_heads, head_dim, rope)
+        self.mlp_norm = RMSNorm(d_model, norm_eps)
+        self.mlp = SwiGLU(d_model, d_ff)
+
+    def forward(self, x: torch.Tensor, frame: TokenFrame, key=None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), frame, key)
+        return h + self.mlp(self.mlp_norm(h))

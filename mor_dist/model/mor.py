@@ -1,0 +1,278 @@
+"""The Mixture-of-Recursions model: vanilla, recursive and MoR in one code path.
+
+forward() is a chain of three pieces -- begin (embedding + unique first layers), step r for each
+recursion, finish (unique last layers, norm, head, loss) -- passing a RecursionState along, so that a
+pipeline schedule can place the pieces on different stages without touching this file.
+
+Where we differ from the authors' code (github raymin0223/mixture_of_recursions):
+- Recursive KV sharing gathers the active queries and computes only them at later recursions; the
+  authors run the full sequence at every recursion and mask, which saves no compute (MOR.md 5).
+- Token-choice RoPE uses each token's original position; the authors' padded path renumbers them.
+- Capacity-warmup and max-depth-warmup step counters are a buffer (saved in checkpoints), and the
+  evaluation routing is causal (sigmoid > 0.5 / argmax) rather than top-k over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mor_dist.model.layers import RMSNorm, RotaryEmbedding, TokenFrame, TransformerLayer
+from mor_dist.model.layout import make_layout
+from mor_dist.model.routers import (
+    ExpertChoiceRouter,
+    TokenChoiceRouter,
+    bce_topk_loss,
+    capacity_at,
+    compact,
+    topk_in_order,
+)
+
+
+@dataclass
+class RecursionState:
+    """Everything that flows between the pieces of the forward pass."""
+
+    h: torch.Tensor  # (B, T, d) residual stream
+    pos: torch.Tensor  # (B, T) original positions
+    mode: str  # "topk" (training) or "causal" (inference-time decisions)
+    depth: torch.Tensor  # (B, T) recursion steps each token went through
+    idx: torch.Tensor | None = None  # expert-choice: tokens selected at the previous step (B, K)
+    valid: torch.Tensor | None = None  # (B, K) padding mask for idx (causal mode only)
+    h1: torch.Tensor | None = None  # token-choice: first unique layer's output
+    run: torch.Tensor | None = None  # token-choice: f^r(h1) of tokens still recursing
+    assigned: torch.Tensor | None = None  # token-choice: chosen depth 1..Nr per token
+    gate: torch.Tensor | None = None  # token-choice: router probability of the chosen depth
+    kv_store: dict = field(default_factory=dict)  # recursive KV sharing: recursion 1's K/V per layer
+    aux: dict = field(default_factory=dict)  # name -> weighted aux loss (already multiplied by coef)
+    stats: dict = field(default_factory=dict)  # name -> detached scalar tensor
+
+
+@dataclass
+class MoROutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None  # lm_loss + sum(aux)
+    lm_loss: torch.Tensor | None
+    aux: dict
+    stats: dict
+    depth: torch.Tensor  # (B, T) recursion depth each token reached
+
+
+class MoRModel(nn.Module):
+    def __init__(self, model_cfg, routing_cfg, kv_cfg):
+        super().__init__()
+        m, rt = model_cfg, routing_cfg
+        self.cfg, self.routing, self.kv_strategy = m, rt, kv_cfg.strategy
+        self.layout = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers)
+        head_dim = m.head_dim or m.d_model // m.n_heads
+        self.rope = RotaryEmbedding(head_dim, m.max_seq_len, m.rope_theta)
+
+        def layer():
+            return TransformerLayer(m.d_model, m.n_heads, m.n_kv_heads, head_dim, m.d_ff, m.norm_eps, self.rope)
+
+        lay = self.layout
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.prefix = nn.ModuleList(layer() for _ in range(lay.prefix))
+        # ONE set of shared parameters, applied at every recursion step (MOR.md 2: never copies).
+        self.shared = nn.ModuleList(layer() for _ in range(lay.block))
+        self.suffix = nn.ModuleList(layer() for _ in range(lay.suffix))
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.head = None if m.tie_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False)
+
+        self.routers = nn.ModuleList()
+        self.token_router = None
+        if rt.type == "expert":
+            self.alpha = 0.1 if rt.alpha is None else rt.alpha
+            self.routers.extend(
+                ExpertChoiceRouter(m.d_model, rt.router, rt.causal_method == "aux_router")
+                for _ in range(lay.recursions)
+            )
+            nr = lay.recursions
+            self.capacity = list(rt.capacity) if rt.capacity else [(nr - r) / nr for r in range(nr)]
+        elif rt.type == "token":
+            self.alpha = rt.alpha if rt.alpha is not None else (1.0 if rt.token_func == "softmax" else 0.1)
+            self.token_router = TokenChoiceRouter(m.d_model, lay.recursions, rt.router, rt.token_func, self.alpha)
+        # Optimizer steps taken: drives capacity / max-depth warmups; saved with the model.
+        self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        self.apply(self._init)
+
+    def _init(self, mod: nn.Module) -> None:
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(mod.weight, std=self.cfg.init_std)
+
+    # ------------------------------------------------------------------ pieces of the forward pass
+    def begin(self, tokens: torch.Tensor, mode: str) -> RecursionState:
+        b, t = tokens.shape
+        pos = torch.arange(t, device=tokens.device).expand(b, t)
+        h = self.embed(tokens)
+        frame = TokenFrame(pos)
+        for layer in self.prefix:
+            h = layer(h, frame)
+        state = RecursionState(h=h, pos=pos, mode=mode, depth=torch.zeros_like(tokens))
+        if self.token_router is not None:
+            self._assign_depths(state)
+        return state
+
+    def step(self, r: int, state: RecursionState) -> RecursionState:
+        """Recursion step r (0-based) of the shared block."""
+        if self.token_router is not None:
+            self._token_step(r, state)
+        elif self.routers:
+            self._expert_step(r, state)
+        else:  # plain recursive model: every token, every step
+            frame = self._frame(r, state.pos, None, state)
+            state.h = self._run_block(r, state.h, frame)
+            state.depth = state.depth + 1
+        return state
+
+    def finish(self, state: RecursionState, targets: torch.Tensor | None = None) -> MoROutput:
+        h, frame = state.h, TokenFrame(state.pos)
+        for layer in self.suffix:
+            h = layer(h, frame)
+        h = self.norm(h)
+        logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+        lm_loss = loss = None
+        if targets is not None:
+            lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss = lm_loss + sum(state.aux.values()) if state.aux else lm_loss
+        return MoROutput(logits, loss, lm_loss, state.aux, state.stats, state.depth)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mode: str | None = None):
+        """mode: "topk" (default in training) or "causal" (default in eval: inference decisions)."""
+        mode = mode or ("topk" if self.training else "causal")
+        state = self.begin(tokens, mode)
+        for r in range(self.layout.recursions):
+            state = self.step(r, state)
+        return self.finish(state, targets)
+
+    # ------------------------------------------------------------------ shared block
+    def _frame(self, r, pos, valid, state) -> TokenFrame:
+        kv_mode = "own" if self.kv_strategy != "share" else ("record" if r == 0 else "reuse")
+        return TokenFrame(pos, valid, kv_mode, state.kv_store)
+
+    def _run_block(self, r: int, x: torch.Tensor, frame: TokenFrame) -> torch.Tensor:
+        """f: the shared layers of step r, each keyed by its slot j for KV sharing."""
+        for j, li in enumerate(self.layout.schedule[r]):
+            x = self.shared[li](x, frame, j)
+        return x
+
+    # ------------------------------------------------------------------ expert-choice
+    def _expert_step(self, r: int, s: RecursionState) -> None:
+        b, t, d = s.h.shape
+        if s.idx is None:  # step 1: every token is a candidate
+            cand, cand_valid = s.pos.new_tensor(range(t)).expand(b, t), None
+        else:
+            cand, cand_valid = s.idx, s.valid
+        if cand.shape[1] == 0:  # every token already exited (causal mode)
+            self._record_active(r, s, 0.0)
+            return
+        h_c = s.h.gather(1, cand.unsqueeze(-1).expand(-1, -1, d))
+        router = self.routers[r]
+        logits = router(h_c)  # (B, Kc)
+        causal_logits = router.causal_logits(h_c, logits)
+        if s.mode == "topk":
+            c = capacity_at(self.capacity[r], int(self.train_step), self.routing.capacity_warmup_steps)
+            k = min(max(1, int(c * t)), cand.shape[1])
+            sel = topk_in_order(logits, k)  # slots among the candidates
+            valid = None
+            if self.training or torch.is_grad_enabled():
+                self._expert_aux(r, s, logits, causal_logits, sel)
+        else:
+            keep = causal_logits > 0
+            if cand_valid is not None:
+                keep = keep & cand_valid
+            sel, valid = compact(keep)
+        idx = cand.gather(1, sel)
+        s.idx, s.valid = idx, valid
+        self._record_active(r, s, (idx.numel() if valid is None else valid.sum()) / (b * t))
+        if idx.shape[1] == 0:
+            return
+        x = s.h.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
+        out = self._run_block(r, x, self._frame(r, s.pos.gather(1, idx), valid, s))
+        if self.routing.gating == "weighted":
+            g = self.alpha * torch.sigmoid(logits.gather(1, sel)).unsqueeze(-1)
+            new = x + g.to(x.dtype) * out
+        else:
+            new = out
+        if valid is not None:  # padding slots write back their own (unchanged) token
+            new = torch.where(valid.unsqueeze(-1), new, x)
+        s.h = s.h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), new)
+        s.depth = s.depth.scatter_add(1, idx, torch.ones_like(idx) if valid is None else valid.long())
+
+    def _expert_aux(self, r, s, logits, causal_logits, sel) -> None:
+        rt = self.routing
+        target = torch.zeros_like(logits).scatter(1, sel, 1.0)
+        # The causal decision learns to predict top-k membership (MOR.md 3).
+        bce = bce_topk_loss(causal_logits, target)
+        s.aux[f"router_bce/r{r + 1}"] = rt.aux_loss_coef * bce
+        if rt.z_loss_coef > 0:
+            s.aux[f"router_z/r{r + 1}"] = rt.z_loss_coef * logits.float().pow(2).mean()
+        with torch.no_grad():
+            pred = causal_logits > 0
+            tgt = target.bool()
+            s.stats[f"causal_agreement/r{r + 1}"] = (pred == tgt).float().mean()
+            # Dead tokens: kept by top-k but dropped by the causal decision -- tokens that inference
+            # would stop earlier than training did.
+            s.stats[f"dead_tokens/r{r + 1}"] = (tgt & ~pred).float().sum() / tgt.float().sum()
+
+    def _record_active(self, r: int, s: RecursionState, frac) -> None:
+        s.stats[f"active_frac/r{r + 1}"] = torch.as_tensor(frac, dtype=torch.float32).detach()
+
+    # ------------------------------------------------------------------ token-choice
+    def _assign_depths(self, s: RecursionState) -> None:
+        router, rt, nr = self.token_router, self.routing, self.layout.recursions
+        logits, probs = router.probs(s.h)  # (B, T, Nr)
+        scores = probs + router.bias if rt.balancing == "loss_free" else probs
+        choice = scores.argmax(dim=-1)  # 0-based depth index
+        if self.training and int(self.train_step) < rt.max_depth_warmup_steps:
+            choice = torch.full_like(choice, nr - 1)
+        s.assigned = choice + 1
+        s.gate = probs.gather(-1, choice.unsqueeze(-1))
+        s.h1, s.run = s.h, s.h
+        load = F.one_hot(choice, nr).flatten(0, 1).float().sum(0)  # tokens per depth
+        frac = load / choice.numel()
+        for i in range(nr):
+            s.stats[f"depth_load/d{i + 1}"] = frac[i].detach()
+            s.stats[f"router_bias/d{i + 1}"] = router.bias[i].detach().clone()
+        if s.mode == "topk" and torch.is_grad_enabled():
+            if rt.balancing == "loss":
+                # 0.1 * sum_i f_i P_i with f_i = Nr/T * tokens sent to i, P_i = mean prob of i.
+                f_i = nr * frac
+                p_i = probs.flatten(0, 1).mean(0) / self.alpha
+                s.aux["balance"] = rt.balance_coef * (f_i.detach() * p_i).sum()
+            if rt.z_loss_coef > 0:
+                s.aux["router_z"] = rt.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+            if self.training:
+                router.pending_load += load.detach()
+
+    def _token_step(self, r: int, s: RecursionState) -> None:
+        b, t, d = s.h.shape
+        active = s.assigned > r
+        order, valid = compact(active)
+        self._record_active(r, s, active.float().mean())
+        if order.shape[1]:
+            x = s.run.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
+            out = self._run_block(r, x, self._frame(r, s.pos.gather(1, order), valid, s))
+            if valid is not None:
+                out = torch.where(valid.unsqueeze(-1), out, x)
+            s.run = s.run.scatter(1, order.unsqueeze(-1).expand(-1, -1, d), out)
+            s.depth = s.depth + active.long()
+        if r == self.layout.recursions - 1:
+            # Authors' update: H^1 + g_i * f^i(H^1), scaled once after the token's last recursion.
+            s.h = s.h1 + s.gate.to(s.h.dtype) * s.run
+
+    # ------------------------------------------------------------------ training hooks
+    def load_buffers(self) -> list[torch.Tensor]:
+        """Buffers the trainer sums across data-parallel ranks before after_optimizer_step()."""
+        return [self.token_router.pending_load] if self.token_router is not None else []
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.train_step += 1
+        if self.token_router is not None and self.routing.balancing == "loss_free":
+            self.token_router.update_bias(self.routing.bias_update_rate)
+        elif self.token_router is not None:
+            self.token_router.pending_load.zero_()
