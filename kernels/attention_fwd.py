@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .segments import Segments
-from .triton_env import configs, dot_precision, interpreting, pow2_at_least
+from .triton_env import check_mode, configs, dot_precision, interpreting, pow2_at_least
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); configs that do not fit are dropped by the autotuner.
 _GPU_CONFIGS = [
@@ -160,6 +160,7 @@ def attention_fwd(q, k, v, q_pos, k_pos, seg: Segments, scale: float, out: torch
     """Runs the forward into `out` (same layout as q; rows outside every sequence are left as they
     are). Returns the base-2 logsumexp buffer and its strides, which the backward reads."""
     check_inputs(q, k, v)
+    check_mode(_fwd_kernel, q)
     d = q.shape[-1]
     hq, hkv = q.shape[1], k.shape[1]  # heads are dim 1 in both layouts
     lse, slb, slh = seg.new_rowstat(q)

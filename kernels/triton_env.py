@@ -22,6 +22,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def check_mode(kernel, tensor: torch.Tensor) -> None:
+    """Fail clearly instead of with '0 active drivers' when kernels built for a GPU meet CPU tensors
+    (TRITON_INTERPRET was set only after the kernel modules were imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not tensor.is_cuda and not isinstance(getattr(kernel, "fn", kernel), InterpretedFunction):
+        raise RuntimeError(
+            "Triton kernels were compiled for a GPU but got CPU tensors: set TRITON_INTERPRET=1 before the "
+            "first Triton call (mor_dist.kernels.attention_fwd/_bwd imports)"
+        )
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow torch's matmul setting, so the kernel agrees with what SDPA/matmul would do.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
