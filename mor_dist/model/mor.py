@@ -245,8 +245,8 @@ class MoRModel(nn.Module):
                 s.aux["balance"] = rt.balance_coef * (f_i.detach() * p_i).sum()
             if rt.z_loss_coef > 0:
                 s.aux["router_z"] = rt.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-            if self.training:
-                router.pending_load += load.detach()
+        if s.mode == "topk" and self.training:
+            router.pending_load += load.detach()
 
     def _token_step(self, r: int, s: RecursionState) -> None:
         b, t, d = s.h.shape
