@@ -80,34 +80,43 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
     return sorted(found)
 
 
-def _safe_cut(buf: str, lo: int) -> int:
-    """Last index > lo just after a newline that has non-whitespace on both sides, or -1.
+def _cuttable(buf: str, i: int) -> bool:
+    """A newline with non-whitespace on both sides: the byte-level pre-tokenizer never joins it with
+    its neighbours into one pre-token, so tokenizing the text in pieces cut just after it gives
+    exactly the ids of tokenizing it whole."""
+    return 0 < i < len(buf) - 1 and not buf[i - 1].isspace() and not buf[i + 1].isspace()
 
-    The byte-level pre-tokenizer never joins such a newline with its neighbours into one pre-token,
-    so tokenizing the text in pieces cut there gives exactly the ids of tokenizing it whole.
-    """
-    i = len(buf) - 1
-    while True:
-        i = buf.rfind("\n", lo, i)
-        if i <= lo:
-            return -1
-        if i + 1 < len(buf) and not buf[i - 1].isspace() and not buf[i + 1].isspace():
+
+def _safe_cut(buf: str, lo: int, hi: int, scanned: int) -> int:
+    """Index just after the last cuttable newline in [lo, hi), else after the first one at or beyond
+    max(hi, scanned); -1 if there is none yet."""
+    i = hi
+    while (i := buf.rfind("\n", lo, i)) > lo:
+        if _cuttable(buf, i):
             return i + 1
+    i = max(hi, scanned)
+    while (i := buf.find("\n", i)) >= 0:
+        if _cuttable(buf, i):
+            return i + 1
+        i += 1
+    return -1
 
 
 def _text_pieces(path: Path, piece_chars: int) -> Iterator[tuple[str, bool]]:
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     buf = ""
+    scanned = 0  # buf[:scanned] is known to hold no cut beyond piece_chars
     with open(path, "rb") as f:
         while True:
             block = f.read(_READ_BYTES)
             buf += dec.decode(block, final=not block)
             while len(buf) > piece_chars:
-                cut = _safe_cut(buf, piece_chars // 2)
+                cut = _safe_cut(buf, piece_chars // 2, piece_chars, scanned)
                 if cut < 0:
-                    break  # no safe cut yet: keep reading (an endless line is read whole)
+                    scanned = max(len(buf) - 1, 0)  # keep reading; an endless line is read whole
+                    break
                 yield buf[:cut], False
-                buf = buf[cut:]
+                buf, scanned = buf[cut:], 0
             if not block:
                 break
     yield buf, True

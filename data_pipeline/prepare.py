@@ -20,12 +20,12 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import random
 import shutil
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -257,10 +257,12 @@ class _SplitWriter:
             self._writer.abort()
 
 
-def is_val(k: int, val_fraction: float) -> bool:
-    """Sample k of the packed stream is held out: spreads exactly floor(n * val_fraction) of the
-    first n samples evenly over the stream."""
-    return math.floor((k + 1) * val_fraction) > math.floor(k * val_fraction)
+def val_rule(val_fraction: float):
+    """is_val(k): whether sample k of the packed stream is held out. Exactly floor(n * val_fraction)
+    of the first n samples are, evenly spread; exact rational arithmetic, so 0.02 means every 50th."""
+    f = Fraction(val_fraction).limit_denominator(1 << 30)
+    num, den = f.numerator, f.denominator
+    return lambda k: (k + 1) * num // den > k * num // den
 
 
 def _pack(caches: list[Path], out: Path, layout: Layout, seq_len: int, val_fraction: float, shard_samples: int,
@@ -270,6 +272,7 @@ def _pack(caches: list[Path], out: Path, layout: Layout, seq_len: int, val_fract
     width = seq_len + 1
     carry = np.empty(0, dtype=layout.dtype)
     k = 0
+    is_val = val_rule(val_fraction)
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="pack", disable=not progress)
     try:
         for cache in caches:
@@ -285,7 +288,7 @@ def _pack(caches: list[Path], out: Path, layout: Layout, seq_len: int, val_fract
                     continue
                 n = (len(buf) - 1) // seq_len
                 for win in np.lib.stride_tricks.sliding_window_view(buf, width)[::seq_len][:n]:
-                    writers["val" if is_val(k, val_fraction) else "train"].add(win)
+                    writers["val" if is_val(k) else "train"].add(win)
                     k += 1
                 carry = buf[n * seq_len :]
             del ids
