@@ -250,20 +250,29 @@ class StreamingLoader:
                              self.position, stop, self.batch_size)
         dl = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                         prefetch_factor=self.prefetch_factor if self.num_workers else None)
-        for raw in dl:
-            if gen != self._generation:
-                raise RuntimeError("the loader was restarted or its state reloaded: make a new iterator")
-            batch = {
-                "tokens": torch.from_numpy(raw["tokens"].astype(np.int64)),
-                "keys": torch.from_numpy(raw["keys"]),
-                "positions": torch.from_numpy(raw["positions"]),
-                "skipped": raw["skipped"],
-            }
-            if self.pin_memory:
-                batch["tokens"] = batch["tokens"].pin_memory()
-            self.position += len(batch["tokens"]) * self.world_size
-            self.skipped_samples += batch["skipped"]
-            yield batch
+        batches = iter(dl)
+        try:
+            for raw in batches:
+                if gen != self._generation:
+                    raise RuntimeError("the loader was restarted or its state reloaded: make a new iterator")
+                batch = {
+                    "tokens": torch.from_numpy(raw["tokens"].astype(np.int64)),
+                    "keys": torch.from_numpy(raw["keys"]),
+                    "positions": torch.from_numpy(raw["positions"]),
+                    "skipped": raw["skipped"],
+                }
+                if self.pin_memory:
+                    batch["tokens"] = batch["tokens"].pin_memory()
+                self.position += len(batch["tokens"]) * self.world_size
+                self.skipped_samples += batch["skipped"]
+                yield batch
+        finally:
+            # Stop the workers now. After a worker's error the traceback keeps the DataLoader
+            # iterator in a reference cycle; left to the garbage collector, its queues can be
+            # finalized first and every worker then waits out a 5 s join timeout.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def state_dict(self) -> dict:
         return {
