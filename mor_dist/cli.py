@@ -16,6 +16,13 @@ def _info(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from mor_dist.config import load_config
+    from mor_dist.training.main import train
+
+    return train(load_config(args.config, args.overrides), force=args.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mor", description="Mixture-of-Recursions distributed pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. configs/paper/360m/mor_nr3.yaml")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.recursions=3")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) a run; also under torchrun / srun",
+        description="Builds model, parallelism, data and optimizer from one config and trains. Pointed at "
+        "an existing run folder (logging.run_dir) it resumes from its latest checkpoint. Exit code 75 "
+        "means: preempted by SIGTERM/SIGUSR1, checkpoint written, requeue me.",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/tiny/mor.yaml")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.steps=100")
+    p.add_argument("--force", action="store_true", help="continue a run folder whose saved config differs")
+    p.set_defaults(func=_train)
 
     from mor_dist.data_pipeline.cli import add_data_parser
 

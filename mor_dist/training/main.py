@@ -1,0 +1,75 @@
+"""`mor train`: config -> model -> parallelize -> data -> trainer, in that order."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mor.train")
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger("mor")
+    root.setLevel(level)
+    root.handlers.clear()
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(fmt)
+        root.addHandler(file)
+
+
+def train(cfg, force: bool = False) -> int:
+    from mor_dist.data_pipeline.loader import build_loader
+    from mor_dist.model import build_model
+    from mor_dist.parallel.dims import init_distributed
+    from mor_dist.parallel.train_module import build_train_module
+    from mor_dist.training.run_dir import prepare_run_dir
+    from mor_dist.training.trainer import Trainer
+
+    dims = init_distributed(cfg.parallel)
+    run_dir = Path(cfg.logging.run_dir)
+    setup_logging(run_dir, dims.rank)
+    if dims.rank == 0:
+        prepare_run_dir(cfg, force)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank starts on a folder rank 0 refused
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg)
+    module = build_train_module(model, cfg, dims)
+
+    train_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "train", rank=dims.dp_rank, world_size=dims.dp)
+    val_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "val", rank=dims.dp_rank, world_size=dims.dp)
+    tokenizer = _tokenizer(cfg)
+    vocab = tokenizer.get_vocab_size() if tokenizer else None
+    if vocab and vocab > cfg.model.vocab_size:
+        raise ValueError(
+            f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size"
+        )
+
+    trainer = Trainer(cfg, dims, module, train_loader, val_loader, tokenizer, run_dir)
+    if dims.rank == 0:
+        log.info("run folder %s | world %d (dp %d, tp %d, pp %d) | %d micro-batches of %d per step",
+                 run_dir, dims.world, dims.dp, dims.tp, dims.pp, trainer.accum, cfg.train.micro_batch_size)
+    if not trainer.resume() and dims.rank == 0:
+        log.info("starting a new run")
+    code = trainer.fit()
+    if dims.rank == 0:
+        log.info("TensorBoard: tensorboard --logdir %s", run_dir / "tensorboard")
+    return code
+
+
+def _tokenizer(cfg):
+    from tokenizers import Tokenizer
+
+    path = Path(cfg.data.tokenizer or Path(cfg.data.dataset_dir) / "tokenizer.json")
+    return Tokenizer.from_file(str(path)) if path.is_file() else None
