@@ -8,6 +8,8 @@ backend="auto" runs Triton for CUDA tensors (when triton is installed) and the r
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .reference import routed_attention_reference, routed_attention_varlen_reference
@@ -33,6 +35,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensors' one.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class _RoutedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, seg: Segments, scale: float):
@@ -46,7 +53,8 @@ class _RoutedAttentionFn(torch.autograd.Function):
             # Written token-major, (B, T, H, D), so the caller's merge of heads is a free view.
             b, h, t, d = q.shape
             out = q.new_zeros(b, t, h, d).transpose(1, 2)
-        lse, slb, slh = attention_fwd(q, k, v, q_pos, k_pos, seg, scale, out)
+        with _on_device(q):
+            lse, slb, slh = attention_fwd(q, k, v, q_pos, k_pos, seg, scale, out)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
         ctx.seg, ctx.scale, ctx.lse_strides = seg, scale, (slb, slh)
         return out
@@ -58,8 +66,9 @@ class _RoutedAttentionFn(torch.autograd.Function):
         q, k, v, out, lse, q_pos, k_pos = ctx.saved_tensors
         # Rows outside every sequence (padding) are not written by the kernels: they must read 0.
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        attention_bwd(_last_dim_contiguous(grad_out), q, k, v, out, lse, ctx.lse_strides, q_pos, k_pos,
-                      ctx.seg, ctx.scale, dq, dk, dv)
+        with _on_device(q):
+            attention_bwd(_last_dim_contiguous(grad_out), q, k, v, out, lse, ctx.lse_strides, q_pos, k_pos,
+                          ctx.seg, ctx.scale, dq, dk, dv)
         return dq, dk, dv, None, None, None, None
 
 
