@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mor_dist.data_pipeline.cli import add_data_parser
+from mor_dist.data_pipeline.manifest import load_manifest
+from mor_dist.data_pipeline.tokenizer import file_fingerprint
+
+REPO_CONFIG = str(Path(__file__).resolve().parents[2] / "configs/tiny/mor.yaml")
+
+
+def run(argv) -> int:
+    parser = argparse.ArgumentParser(prog="mor")
+    add_data_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_prepare_mixed_inputs_then_verify(tmp_path, capsys, text_files, tokenizer_file):
+    lines = text_files[0].read_text(encoding="utf-8").splitlines()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[:400]))
+    pq.write_table(pa.table({"text": lines[400:900]}), tmp_path / "in" / "b.parquet")
+    out = tmp_path / "ds"
+    code = run(["data", "prepare", str(tmp_path / "in"), "-o", str(out), "--seq-len", "16", "--tokenizer",
+                str(tokenizer_file), "--shard-samples", "64", "--val-fraction", "0.1", "--workers", "2",
+                "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    m = load_manifest(out)
+    assert summary["splits"]["train"]["samples"] == m.data["splits"]["train"]["samples"] > 64
+    assert m.data["corpus"]["documents"] == sum(1 for t in lines[:900] if t)  # one per non-empty line/row
+    assert m.seq_len == 16 and m.tokenizer["fingerprint"] == file_fingerprint(tokenizer_file)
+
+    assert run(["data", "verify", str(out), "--read-samples"]) == 0
+    shard = out / m.shards("train")[1]["file"]
+    blob = bytearray(shard.read_bytes())
+    blob[700] ^= 1
+    shard.write_bytes(bytes(blob))
+    assert run(["data", "verify", str(out)]) == 1
+    assert f"{shard}: shard sha256" in capsys.readouterr().err
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    assert run(["data", "prepare", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")]) == 1
+    assert "missing.txt: input file or directory does not exist" in capsys.readouterr().err
+
+
+def test_tokenizer_command_with_config(tmp_path, capsys, text_files):
+    out = tmp_path / "tok.json"
+    code = run(["data", "tokenizer", *map(str, text_files), "-o", str(out), "--config", REPO_CONFIG,
+                "--set", "data.vocab_size=300"])
+    assert code == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vocab_size"] == 300 and info["fingerprint"] == file_fingerprint(out)
