@@ -50,14 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_errors() -> tuple:
+    """Errors whose message already says what to fix: printed without a traceback."""
     from mor_dist.config import ConfigError
+    from mor_dist.data_pipeline.errors import DataError
+    from mor_dist.training.checkpoint import CheckpointError
+    from mor_dist.training.run_dir import RunDirError
+    from mor_dist.training.trainer import NonFiniteLossError
 
+    return ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLossError
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    errors = _user_errors()
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"mor: config error: {e}", file=sys.stderr)
+    except errors as e:
+        print(f"mor: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

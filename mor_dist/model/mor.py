@@ -133,12 +133,20 @@ class MoRModel(nn.Module):
         for layer in self.suffix:
             h = layer(h, frame)
         h = self.norm(h)
-        logits = F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+        logits = self.output_logits(h)
         lm_loss = loss = None
         if targets is not None:
-            lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            lm_loss = self.lm_loss(logits, targets)
             loss = lm_loss + sum(state.aux.values()) if state.aux else lm_loss
         return MoROutput(logits, loss, lm_loss, state.aux, state.stats, state.depth)
+
+    # Output head and loss. Tensor parallelism (mor_dist/parallel) replaces these two on the instance
+    # with vocab-parallel versions; the model itself stays single-device code.
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+
+    def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mode: str | None = None):
         """mode: "topk" (default in training) or "causal" (default in eval: inference decisions)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,10 +33,15 @@ def train(cfg, force: bool = False) -> int:
     from mor_dist.model import build_model
     from mor_dist.parallel.dims import init_distributed
     from mor_dist.parallel.train_module import build_train_module
+    from mor_dist.training.reshard import universal_source
     from mor_dist.training.run_dir import prepare_run_dir
-    from mor_dist.training.trainer import Trainer
+    from mor_dist.training.trainer import Trainer, grad_accum_steps
 
     dims = init_distributed(cfg.parallel)
+    if not torch.cuda.is_available():
+        # Ranks sharing a CPU host split its cores; oversubscribed intra-op threads cost 10x here.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     run_dir = Path(cfg.logging.run_dir)
     setup_logging(run_dir, dims.rank)
     if dims.rank == 0:
@@ -43,9 +49,13 @@ def train(cfg, force: bool = False) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank starts on a folder rank 0 refused
 
+    grad_accum_steps(cfg, dims.dp)  # fail on a batch that does not split before building anything
+    # A checkpoint saved at another data-parallel size is loaded through a universal conversion.
+    universal = universal_source(run_dir, cfg.checkpoint.keep_last, dims.dp, dims.rank) if cfg.checkpoint.resume else None
+
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg)
-    module = build_train_module(model, cfg, dims)
+    module = build_train_module(model, cfg, dims, load_universal=universal is not None)
 
     train_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "train", rank=dims.dp_rank, world_size=dims.dp)
     val_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "val", rank=dims.dp_rank, world_size=dims.dp)
@@ -60,7 +70,7 @@ def train(cfg, force: bool = False) -> int:
     if dims.rank == 0:
         log.info("run folder %s | world %d (dp %d, tp %d, pp %d) | %d micro-batches of %d per step",
                  run_dir, dims.world, dims.dp, dims.tp, dims.pp, trainer.accum, cfg.train.micro_batch_size)
-    if not trainer.resume() and dims.rank == 0:
+    if not trainer.resume(universal) and dims.rank == 0:
         log.info("starting a new run")
     code = trainer.fit()
     if dims.rank == 0:

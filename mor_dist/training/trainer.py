@@ -32,6 +32,17 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def grad_accum_steps(cfg, dp: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size} x data-parallel size {dp}"
+        )
+    return t.global_batch_size // per_step
+
+
 class Trainer:
     def __init__(self, cfg, dims, module, train_loader, val_loader, tokenizer, run_dir):
         self.cfg, self.dims, self.module = cfg, dims, module
@@ -41,13 +52,7 @@ class Trainer:
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
         self.tb = TensorBoardLogger(run_dir / "tensorboard", cfg.logging.tensorboard and self.rank0)
         t = cfg.train
-        per_step = t.micro_batch_size * dims.dp
-        if t.global_batch_size % per_step:
-            raise ValueError(
-                f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size="
-                f"{t.micro_batch_size} x data-parallel size {dims.dp}"
-            )
-        self.accum = t.global_batch_size // per_step
+        self.accum = grad_accum_steps(cfg, dims.dp)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg)
         self.step = 0
@@ -56,12 +61,13 @@ class Trainer:
         self.loss_ema = None
 
     # ------------------------------------------------------------------ resume / save
-    def resume(self) -> bool:
+    def resume(self, universal=None) -> bool:
+        """Continue from `latest`; model/optimizer from `universal` when the data-parallel size changed."""
         latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
         if latest is None:
             return False
         meta = self.ckpt.verify(latest)
-        self.module.load(latest)
+        self.module.load(universal or latest)
         self.train_loader.load_state_dict(meta["loader"])
         self.ckpt.restore_rng(latest, meta)
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]

@@ -1,0 +1,133 @@
+"""DeepSpeed engine for a (possibly tensor-parallel) MoRModel: config builder, the mpu object that
+tells DeepSpeed which ranks form the data-parallel group, and per-rank byte accounting.
+
+AdamW is torch's (no C++ op build on CPU); ZeRO 1/2/3 shard its state over the data-parallel group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def import_deepspeed():
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        # Skip DeepSpeed's C++ op builds on CPU (~50 s each): fp32 torch AdamW needs none of them.
+        deepspeed.ops.__compatible_ops__ = {}
+    return deepspeed
+
+
+def uses_bf16(cfg) -> bool:
+    return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(cfg, dims, load_universal: bool = False) -> dict:
+    t, p = cfg.train, cfg.parallel
+    accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        # DeepSpeed 0.19 clips at 1.0 unless told: always say it.
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": {"stage": int(p.zero_stage)},
+        "bf16": {"enabled": uses_bf16(cfg)},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if dims.pp > 1:
+        # The aux-loss scalar travels in the activation tuple; under TP it must not be partitioned.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms, gains and router biases are left alone."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
+    o = optim_cfg
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+class MegatronMpu:
+    """What DeepSpeed asks of an mpu, answered from megatron-core's parallel_state.
+
+    "Model parallel" for DeepSpeed means the ranks holding different shards of one replica (here the
+    tensor-parallel group; pipeline stages go through DeepSpeed's own topology instead).
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+
+# ---------------------------------------------------------------------- per-rank bytes (measured)
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def rank_bytes(engine) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer state (master copies included).
+
+    ZeRO-3 parameters count their local partition (ds_tensor), not the gathered size.
+    """
+    params = grads = 0
+    for p in engine.module.parameters():
+        if hasattr(p, "ds_tensor"):
+            params += _nbytes(p.ds_tensor)
+        else:
+            params += _nbytes(p)
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
+    state = 0
+    seen: set[int] = set()
+    for group in inner.param_groups:
+        for p in group["params"]:
+            for v in inner.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.dim() > 0 and id(v) not in seen:
+                    seen.add(id(v))
+                    state += _nbytes(v)
+    master = 0
+    if inner is not opt:  # ZeRO: the flat fp32 partitions the inner optimizer steps
+        for group in inner.param_groups:
+            for p in group["params"]:
+                master += _nbytes(p)
+                if p.grad is not None:
+                    grads += _nbytes(p.grad)
+    else:
+        grads = sum(_nbytes(p.grad) for p in engine.module.parameters() if p.grad is not None)
+    return {"params": params, "grads": grads, "optimizer": state + master}

@@ -1,0 +1,98 @@
+"""`mor train` end to end: exact resume, DP 2 -> 1 resume, TensorBoard, bad checkpoints, config guard."""
+
+import shutil
+
+import torch
+
+from tests.training.conftest import run_mor, tb_scalars, tiny_overrides
+
+CONFIG = "configs/tiny/mor.yaml"
+
+
+def _interrupt_after(src, dst, step):
+    """The run folder as an interrupted run leaves it: checkpoints up to `step`, nothing after."""
+    shutil.copytree(src, dst)
+    ckpts = dst / "checkpoints"
+    for p in ckpts.glob("step_*"):
+        if int(p.name.split("_")[1]) > step:
+            shutil.rmtree(p)
+    (ckpts / "latest").write_text(f"step_{step:08d}")
+    shutil.rmtree(dst / "tensorboard")
+
+
+def _model_states(run_dir, step):
+    path = run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, weights_only=False)["module"]
+
+
+def test_exact_resume_tensorboard_and_bad_checkpoints(tiny_dataset, tmp_path):
+    full = tmp_path / "full"
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, full, train__steps=6)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "TensorBoard: tensorboard --logdir" in r.stdout
+
+    scalars = tb_scalars(full)
+    losses = scalars["train/loss"]
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    for tag in ("train/lm_loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
+                "train/peak_memory_gib", "train/data_wait_s", "train/router_bce/r2", "routing/active_frac/r3",
+                "routing/dead_tokens/r2", "routing/causal_agreement/r2", "val/loss", "val/ppl"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert scalars["routing/active_frac/r3"][6] == 10 / 32  # k_3 = floor(32 / 3) tokens of 32
+    assert set(scalars["val/loss"]) == {3, 6}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(full / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert "routing/depth_map" in acc.Tags()["images"]
+    assert any("sample_depths" in t for t in acc.Tags()["tensors"])
+
+    # Interrupted after step 3, resumed with the same command: the same losses bit for bit.
+    resumed = tmp_path / "resumed"
+    _interrupt_after(full, resumed, 3)
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, resumed, train__steps=6)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    again = tb_scalars(resumed)["train/loss"]
+    assert sorted(again) == [4, 5, 6]
+    assert [again[s] for s in (4, 5, 6)] == [losses[s] for s in (4, 5, 6)]
+    a, b = _model_states(full, 6), _model_states(resumed, 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # A missing shard file is reported by name, and nothing is written.
+    broken = tmp_path / "broken"
+    _interrupt_after(full, broken, 3)
+    victim = next((broken / "checkpoints" / "step_00000003").glob("*optim_states.pt"))
+    victim.unlink()
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, broken, train__steps=6)])
+    assert r.returncode == 2 and victim.name in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in (broken / "checkpoints").glob("step_*")) == ["step_00000003"]
+    assert (broken / "checkpoints" / "latest").read_text() == "step_00000003"
+
+    # A run folder holding another config is refused; its config stays as it was.
+    saved = (full / "config.yaml").read_text()
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, full, train__steps=6), "model.d_model=64"])
+    assert r.returncode == 2 and "model.d_model" in r.stderr and "--force" in r.stderr, r.stderr[-2000:]
+    assert (full / "config.yaml").read_text() == saved
+
+
+def test_resume_at_smaller_data_parallel_size(tiny_dataset, tmp_path):
+    dp2 = tmp_path / "dp2"
+    args = tiny_overrides(tiny_dataset, dp2, train__steps=6, parallel__zero_stage=2, train__eval_interval=0)
+    r = run_mor(["train", CONFIG, *args], torchrun=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    losses = tb_scalars(dp2)["train/loss"]
+    # Each rank holds half of the ZeRO-2 optimizer state.
+    step3 = dp2 / "checkpoints" / "step_00000003"
+    assert len(list(step3.glob("*optim_states.pt"))) == 2
+
+    dp1 = tmp_path / "dp1"
+    _interrupt_after(dp2, dp1, 3)
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, dp1, train__steps=6, parallel__zero_stage=2,
+                                                  train__eval_interval=0)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "converting to a universal checkpoint" in r.stdout
+    resumed = tb_scalars(dp1)["train/loss"]
+    for s in (4, 5, 6):
+        assert abs(resumed[s] - losses[s]) < 1e-5, (s, resumed[s], losses[s])
