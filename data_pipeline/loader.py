@@ -144,6 +144,7 @@ class _RankStream(IterableDataset):
         ds = self.ds
         order = SampleOrder(ds.sizes, [s["index"] for s in ds.shards], self.seed, self.shuffle)
         readers: dict[int, ShardReader] = {}
+        warned: set[int] = set()  # shards with a logged problem: one warning each, not one per sample
         positions = self._positions(w, k)
         try:
             while True:
@@ -161,7 +162,8 @@ class _RankStream(IterableDataset):
                         if not ds.skip_corrupt:
                             raise
                         # Replaced by this worker's next sample so that batches stay full.
-                        log.warning("skipping sample at position %d: %s", p, e)
+                        (log.debug if shard in warned else log.warning)("skipping sample at position %d: %s", p, e)
+                        warned.add(shard)
                         skipped += 1
                         continue
                     rows.append(arr)
@@ -228,7 +230,8 @@ class StreamingLoader:
         self.position = 0  # samples consumed by all ranks together
         self.skipped_samples = 0  # by this rank, in skip mode
         self._generation = 0
-        SampleOrder(dataset.sizes, [0] * len(dataset.sizes), seed, shuffle)  # validates the seed now
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
 
     @property
     def samples_per_epoch(self) -> int:

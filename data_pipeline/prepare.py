@@ -357,7 +357,7 @@ def prepare_dataset(
     out.mkdir(parents=True, exist_ok=True)
     with _locked(work):
         if overwrite:
-            _clear(out)
+            _clear(out, keep=given_tok)
         if (out / MANIFEST).exists():
             m = load_manifest(out)
             if m.data.get("prepare") == params:
@@ -441,9 +441,12 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "unknown difference"
 
 
-def _clear(out: Path) -> None:
-    """What an earlier preparation wrote: shards, manifest, tokenizer copy, work dir."""
+def _clear(out: Path, keep: Path | None) -> None:
+    """What an earlier preparation wrote: shards, manifest, tokenizer copy (unless it is the
+    tokenizer to use now), work dir."""
     for p in out.iterdir():
+        if p == keep:
+            continue
         if p.name == WORK:
             for q in p.iterdir():
                 if q.name != "lock":

@@ -117,6 +117,18 @@ def test_rank_from_environment(monkeypatch):
         data_parallel_rank()
 
 
+def test_rank_from_the_process_group_wins_over_environment(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert data_parallel_rank() == (0, 1)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_state_of_another_stream_is_refused(dataset):
     ds = TokenDataset(dataset.dir)
     _, state = take(ds, 2)

@@ -127,6 +127,11 @@ def test_other_settings_need_overwrite(tmp_path, text_files, tokenizer_file):
         prepare_small(out, text_files[:1], tokenizer_file, seq_len=16)
     m = prepare_small(out, text_files[:1], tokenizer_file, seq_len=16, overwrite=True)
     assert m.seq_len == 16 and all((out / s["file"]).is_file() for s in m.shards("train"))
+    # Rebuilding with the dataset's own tokenizer copy must not delete it first.
+    m = prepare_small(out, text_files[:1], out / "tokenizer.json", seq_len=8, overwrite=True)
+    assert m.seq_len == 8 and not list(out.glob("*.tmp*"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "tokenizer.json"] + [s["file"] for sp in ("train", "val") for s in m.shards(sp)])
 
 
 def test_trains_a_tokenizer_when_none_is_given(tmp_path, text_files):
