@@ -6,9 +6,10 @@ Three launches:
   for every query head of the group in turn, so grouped-query gradients are summed in registers
   (no atomics, deterministic);
 - dQ: one program per (query block, sequence, query head) walks the visible keys, as the forward.
-The query walk mirrors the forward's key walk: with ascending positions, the query blocks that see
-none of a key block form a prefix (skipped), then come blocks that need the causal mask, then blocks
-that see every key (no mask), then a partial last block (masked).
+When a sequence's query positions ascend, the query blocks that see none of a key block form a prefix
+(skipped), then come blocks that need the causal mask, then blocks that see every key (no mask), then a
+partial last block (masked). Sequences whose queries are out of order (Segments.q_ascending = 0) are
+walked whole, masked: correct, just without the skips.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _dkdv_span(dk, dv, k, v, k_pos, Q, DO, LSE, DELTA, QPOS, lo, hi, len_q, stri
 @triton.autotune(configs=configs(_DKDV_GPU_CONFIGS), key=["HEAD_DIM", "MAX_Q", "MAX_K"])
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QPOS, KPOS, Q_START, Q_END, K_START, K_END,
+    Q, K, V, DO, DK, DV, LSE, DELTA, QPOS, KPOS, Q_START, Q_END, K_START, K_END, Q_ASC,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_gb, stride_gh, stride_gt, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     stride_lb, stride_lh, stride_pqb, stride_pqt, stride_pkb, stride_pkt,
@@ -141,6 +142,10 @@ def _dkdv_kernel(
     blk_first = tl.load(QPOS + blk * stride_pqt, mask=blk_ok, other=0)
     lo = tl.sum((blk_ok & (blk_last < k_first)).to(tl.int32), 0) * BLOCK_M
     mid = tl.maximum(tl.sum((blk_ok & (blk_first < k_last)).to(tl.int32), 0) * BLOCK_M, lo)
+    # Queries out of position order (padding slots of a gathered row): walk them all, masked.
+    ascending = tl.load(Q_ASC + b) != 0
+    lo = tl.where(ascending, lo, 0)
+    mid = tl.where(ascending, mid, len_q)
     tail = tl.maximum(mid, (len_q // BLOCK_M) * BLOCK_M)
 
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
@@ -232,7 +237,7 @@ def _dq_kernel(
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
     q_pos = tl.load(QPOS + rows * stride_pqt, mask=row_ok, other=0)
 
-    n_full, n_hi = key_range(QPOS, KPOS, m0, len_q, len_k, stride_pqt, stride_pkt, MAX_K, BLOCK_M, BLOCK_N)
+    n_full, n_hi = key_range(q_pos, row_ok, KPOS, len_k, stride_pkt, MAX_K, BLOCK_N)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     dq = _dq_span(dq, q, do, lse, delta, q_pos, K, V, KPOS, 0, n_full, len_k, stride_kt, stride_vt, stride_pkt,
                   qk_scale, HEAD_DIM, BLOCK_N, False, DOT_FP32, PRECISION)
@@ -266,7 +271,7 @@ def attention_bwd(do, q, k, v, o, lse, lse_strides, q_pos, k_pos, seg: Segments,
         # Every program of a key block inside a sequence writes its rows (zeros when no query sees them).
         _dkdv_kernel[lambda meta: (triton.cdiv(seg.max_k, meta["BLOCK_N"]), seg.batch, hkv)](
             q, k, v, do, dk, dv, lse, delta, q_pos, k_pos, seg.q_start, seg.q_end, seg.k_start, seg.k_end,
-            *common, *seg.strides(dk), *seg.strides(dv), slb, slh, *positions,
+            seg.q_ascending, *common, *seg.strides(dk), *seg.strides(dv), slb, slh, *positions,
             group, qk_scale, scale, **consts,
         )
     if seg.max_q > 0:

@@ -1,10 +1,11 @@
 """Triton forward of routed attention: flash attention over ragged sequences, causal by original position.
 
 One program owns BLOCK_M query rows of one sequence and one query head, and streams that sequence's
-keys in BLOCK_N blocks with an online softmax. Key k is visible to query q iff k_pos <= q_pos. Within a
-sequence both position lists ascend, so the visible keys of a query block are a prefix of the keys:
-blocks wholly at or before the block's first query run without the mask, blocks up to its last query
-run with it, later blocks are never loaded. Grouped-query heads read kv head h // group.
+keys in BLOCK_N blocks with an online softmax. Key k is visible to query q iff k_pos <= q_pos. Key
+positions ascend within a sequence, so the visible keys of a query block are a prefix of the keys:
+blocks wholly at or before the block's lowest query position run without the mask, blocks up to its
+highest run with it, later blocks are never loaded (queries may come in any order). Grouped-query heads
+read kv head h // group.
 
 The logsumexp saved for the backward is in base 2 (exp2 is the native instruction), +inf for a query
 that sees no key (its output is 0 and it gets no gradient).
@@ -42,20 +43,19 @@ def dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def key_range(QPOS, KPOS, m0, len_q, len_k, stride_pqt, stride_pkt,
-              MAX_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [0, n_full) are visible to every query of the block starting at row m0 (no mask needed);
-    keys from n_hi on are visible to none. Both ends are multiples of BLOCK_N, found from the key
-    positions at the block boundaries in one vector load each (positions ascend)."""
-    q_first = tl.load(QPOS + m0 * stride_pqt)
-    q_last = tl.load(QPOS + (tl.minimum(m0 + BLOCK_M, len_q) - 1) * stride_pqt)
+def key_range(q_pos, row_ok, KPOS, len_k, stride_pkt, MAX_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [0, n_full) are visible to every query of the block (no mask needed); keys from n_hi on to
+    none. Both are multiples of BLOCK_N, found from the key positions at the key-block boundaries in
+    one vector load each (keys ascend). The queries may come in any order."""
+    q_lo = tl.min(tl.where(row_ok, q_pos, 2147483647), 0)
+    q_hi = tl.max(tl.where(row_ok, q_pos, -1), 0)
     blk = tl.arange(0, MAX_K // BLOCK_N) * BLOCK_N
     first_ok = blk < len_k
     first_pos = tl.load(KPOS + blk * stride_pkt, mask=first_ok, other=0)
-    n_hi = tl.sum((first_ok & (first_pos <= q_last)).to(tl.int32), 0) * BLOCK_N
+    n_hi = tl.sum((first_ok & (first_pos <= q_hi)).to(tl.int32), 0) * BLOCK_N
     last_ok = blk + BLOCK_N - 1 < len_k
     last_pos = tl.load(KPOS + (blk + BLOCK_N - 1) * stride_pkt, mask=last_ok, other=0)
-    n_full = tl.sum((last_ok & (last_pos <= q_first)).to(tl.int32), 0) * BLOCK_N
+    n_full = tl.sum((last_ok & (last_pos <= q_lo)).to(tl.int32), 0) * BLOCK_N
     return n_full, n_hi
 
 
@@ -128,7 +128,7 @@ def _fwd_kernel(
     q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q_pos = tl.load(QPOS + rows * stride_pqt, mask=row_ok, other=0)
 
-    n_full, n_hi = key_range(QPOS, KPOS, m0, len_q, len_k, stride_pqt, stride_pkt, MAX_K, BLOCK_M, BLOCK_N)
+    n_full, n_hi = key_range(q_pos, row_ok, KPOS, len_k, stride_pkt, MAX_K, BLOCK_N)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)

@@ -88,8 +88,9 @@ def routed_attention_varlen(
     """Causal-by-position grouped-query attention over packed ragged sequences.
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_q/k: (B+1,) int, starting at 0 and ending
-    at total; q_pos/k_pos: (total,) original positions, ascending within each sequence. Key j is visible
-    to query i of the same sequence iff k_pos[j] <= q_pos[i]; a query seeing no key gets 0.
+    at total; q_pos/k_pos: (total,) original positions. On the Triton path k_pos must ascend within each
+    sequence; q_pos may be in any order (ascending is faster in the backward). Key j is visible to query
+    i of the same sequence iff k_pos[j] <= q_pos[i]; a query seeing no key gets 0.
     max_seqlen_q/k bound the per-sequence lengths; passing them avoids a device-to-host sync.
     Returns (total_q, Hq, D).
     """
@@ -100,7 +101,7 @@ def routed_attention_varlen(
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
     if max_seqlen_k is None:
         max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
-    seg = Segments.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    seg = Segments.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_pos)
     return _RoutedAttentionFn.apply(q, k, v, q_pos, k_pos, seg, scale)
 
 
@@ -134,9 +135,9 @@ def routed_attention(
     with same_tokens (queries and keys are the same slots), else to all valid. The output of a query
     slot that is not valid is unspecified (0 from Triton, finite garbage from the reference).
 
-    On the Triton path, rows with no mask are read in place, so their positions must ascend along T (as
-    expert-choice gathers do); masked rows are first reordered valid-first by position, which accepts
-    any slot order.
+    On the Triton path, tensors with no mask are read in place: key positions must then ascend along T
+    (expert-choice gathers and recursion-1 keys do), query positions may be in any order. Masked rows
+    are first reordered valid-first by position, which accepts any slot order.
     """
     if not _use_triton(q, backend):
         return routed_attention_reference(q, k, v, q_pos, k_pos, k_valid, same_tokens)
@@ -154,7 +155,7 @@ def routed_attention(
         q_order, q_len = (k_order, k_len) if q_valid is k_valid else _valid_first(q_pos, q_valid)
         q, q_pos = _gather_slots(q, q_order), q_pos.gather(1, q_order)
 
-    seg = Segments.from_lengths(q_len, k_len, t_q, t_k)
+    seg = Segments.from_lengths(q_len, k_len, t_q, t_k, q_pos)
     out = _RoutedAttentionFn.apply(q, k, v, q_pos, k_pos, seg, q.shape[-1] ** -0.5)
     if q_order is None:
         return out

@@ -31,6 +31,10 @@ def positions(name, active):
         # tiles 2 and 3 start at the last position of key tiles 2 and 3 (every tile-skip boundary).
         q = torch.cat([torch.arange(15), torch.tensor([16]), torch.arange(30, 46), torch.arange(47, 63), torch.tensor([63])])
         return [q], [torch.arange(64)]
+    if name == "unordered_queries":  # queries out of position order (keys in order): recursion-wise, KV-sharing
+        a, b = active([37, 33], 40, seed=5)
+        g = torch.Generator().manual_seed(6)
+        return [a[torch.randperm(37, generator=g)], b[torch.randperm(33, generator=g)]], [a, torch.arange(40)]
     raise KeyError(name)
 
 
@@ -48,7 +52,8 @@ def check(case, tolerances):
 
 
 @pytest.mark.parametrize(
-    "layout", ["ragged", "all_active", "kv_share", "single_tokens", "no_visible_key", "block_edges"]
+    "layout",
+    ["ragged", "all_active", "kv_share", "single_tokens", "no_visible_key", "block_edges", "unordered_queries"],
 )
 def test_fp32_matches_reference(layout, device, varlen_case, active_positions, tolerances):
     check(varlen_case(*positions(layout, active_positions), device=device), tolerances)
