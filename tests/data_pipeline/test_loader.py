@@ -145,7 +145,8 @@ def _shard(d, i=3):
     return d / f"train-{i:06d}.tar"
 
 
-def _sample_offset(ds, shard_i, sample_i):
+def _sample_offset(ds, sample_i):
+    """Byte offset of a sample's tar header in its shard (all members have one size)."""
     return sample_i * ds.layout.stride
 
 
@@ -158,7 +159,7 @@ def _poke(path, offset, data):
 def test_missing_truncated_and_hash_mismatch_shards(dataset_copy):
     d = dataset_copy
     ds = TokenDataset(d)
-    data_at = _sample_offset(ds, 3, 5) + BLOCK + 200  # inside sample 5's token ids
+    data_at = _sample_offset(ds, 5) + BLOCK + 200  # inside sample 5's token ids
     original = _shard(d).read_bytes()
     _poke(_shard(d), data_at, b"\x01\x00")
     TokenDataset(d)  # the size check passes ...
@@ -175,15 +176,15 @@ def test_missing_truncated_and_hash_mismatch_shards(dataset_copy):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_sample_is_named_when_read(dataset_copy, workers):
     ds = TokenDataset(dataset_copy)
-    first = dataset_copy.joinpath("manifest.json") and ds.shards[3]["first_key"]
-    _poke(_shard(dataset_copy), _sample_offset(ds, 3, 5) + 3, b"X")  # tar member name of sample 5
+    first = ds.shards[3]["first_key"]
+    _poke(_shard(dataset_copy), _sample_offset(ds, 5) + 3, b"X")  # tar member name of sample 5
     with pytest.raises(DataError, match=rf"train-000003\.tar: corrupt tar header at sample 5 \(key {first + 5:010d}\)"):
         take(ds, None, batch=16, workers=workers, epochs=1, shuffle=False)
 
 
 def test_out_of_vocabulary_ids_are_corruption(dataset_copy):
     ds = TokenDataset(dataset_copy)
-    _poke(_shard(dataset_copy), _sample_offset(ds, 3, 0) + BLOCK + 128, b"\xff\xff")
+    _poke(_shard(dataset_copy), _sample_offset(ds, 0) + BLOCK + 128, b"\xff\xff")
     with pytest.raises(DataError, match=r"train-000003\.tar: corrupt sample 0 .*token id 65535 >= vocab size"):
         take(ds, None, batch=16, epochs=1, shuffle=False)
 
@@ -211,7 +212,7 @@ def test_skip_mode_counts_and_logs(dataset_copy, caplog):
     lost = set(range(ds0.shards[3]["first_key"], ds0.shards[4]["first_key"]))
     bad_key = ds0.shards[6]["first_key"] + 2
     _shard(dataset_copy, 3).unlink()
-    _poke(_shard(dataset_copy, 6), _sample_offset(ds0, 6, 2) + 3, b"X")
+    _poke(_shard(dataset_copy, 6), _sample_offset(ds0, 2) + 3, b"X")
     with caplog.at_level(logging.WARNING, logger="mor_dist.data"):
         ds = TokenDataset(dataset_copy, skip_corrupt=True)
         loader = StreamingLoader(ds, 16, seed=1, rank=0, world_size=1, epochs=1)
