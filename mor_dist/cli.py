@@ -23,6 +23,14 @@ def _train(args) -> int:
     return train(load_config(args.config, args.overrides), force=args.force)
 
 
+def _export(args) -> int:
+    from mor_dist.training.export import export
+
+    path = export(args.run_dir, args.out, args.step)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mor", description="Mixture-of-Recursions distributed pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.steps=100")
     p.add_argument("--force", action="store_true", help="continue a run folder whose saved config differs")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="consolidated safetensors + config of a run's checkpoint")
+    p.add_argument("run_dir", help="run folder (logging.run_dir of the run)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.set_defaults(func=_export)
 
     from mor_dist.data_pipeline.cli import add_data_parser
 

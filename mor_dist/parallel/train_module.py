@@ -1,8 +1,15 @@
-"""The train module: model + optimizer + data parallelism (DeepSpeed ZeRO), one optimizer step at a
-time. The trainer (mor_dist/training/trainer.py) calls only this object's methods.
+"""The train module: model + parallelism + optimizer (DeepSpeed ZeRO), one optimizer step at a time.
+The trainer (mor_dist/training/trainer.py) calls only this object's methods:
+
+    module = build_train_module(model, cfg, dims)     # parallelizes model in place
+    module.train_step(micro_batches, lr) -> dict       # loss, lm_loss, aux/*, stats/*, grad_norm, skipped
+    module.eval_step(tokens, targets) -> (loss, depth) # causal routing
+    module.save(folder) / module.load(folder)          # DeepSpeed's sharded checkpoint
+    module.model, module.engine, module.dims
 
 One process is a 1-rank world, so single-process and multi-node runs share the engine, the sharded
-checkpoint format and the resume path.
+checkpoint format and the resume path. Pipeline layouts (parallel.pipeline > 1) get the
+PipelineTrainModule of pipeline.py, which keeps the same contract.
 """
 
 from __future__ import annotations
@@ -14,62 +21,29 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mor_dist.parallel.engine import MegatronMpu, adamw, deepspeed_config, import_deepspeed, rank_bytes
+from mor_dist.parallel.parallelize import parallelize
+
 log = logging.getLogger("mor.train")
-
-
-def _import_deepspeed():
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        # Skip DeepSpeed's C++ op builds on CPU (~50 s each): fp32 torch AdamW needs none of them.
-        deepspeed.ops.__compatible_ops__ = {}
-    return deepspeed
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; norms, gains and router biases are left alone."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def deepspeed_config(cfg, dims, load_universal: bool = False) -> dict:
-    t = cfg.train
-    accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
-    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and torch.cuda.is_available())
-    return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        # DeepSpeed 0.19 clips at 1.0 unless told: always say it.
-        "gradient_clipping": float(cfg.optim.grad_clip),
-        "zero_optimization": {"stage": int(cfg.parallel.zero_stage)},
-        "bf16": {"enabled": bool(bf16)},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
-    }
 
 
 class TrainModule:
     def __init__(self, model, cfg, dims, load_universal: bool = False):
-        if dims.tp > 1 or dims.pp > 1:
-            raise NotImplementedError(
-                f"parallel.tensor={dims.tp} / parallel.pipeline={dims.pp}: this train module drives data "
-                "parallelism only"
-            )
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.model, self.cfg, self.dims = model, cfg, dims
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(
-            param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-        )
+        parallelize(model, cfg, dims)
+        self.dp_group = None
+        mpu = None
+        if dims.tp > 1:
+            mpu = MegatronMpu()
+            self.dp_group = mpu.get_data_parallel_group()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims, load_universal)
+            model=model, optimizer=adamw(model, cfg.optim), mpu=mpu,
+            config=deepspeed_config(cfg, dims, load_universal),
         )
+        self.measure_bytes = False  # tests and the planner's check set this: fills last_rank_bytes
+        self.last_rank_bytes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ steps
     def train_step(self, micro_batches, lr: float) -> dict:
@@ -85,7 +59,7 @@ class TrainModule:
         sums: dict[str, float] = {}
         bad = False
         device = self.engine.device
-        for tokens, targets in micro_batches:
+        for i, (tokens, targets) in enumerate(micro_batches):
             out = self.engine(tokens.to(device), targets.to(device))
             finite = torch.tensor([1.0 if torch.isfinite(out.loss).item() else 0.0])
             if dist.get_world_size() > 1:
@@ -98,11 +72,14 @@ class TrainModule:
             else:
                 loss = out.loss
             self.engine.backward(loss)
+            if self.measure_bytes and i == len(micro_batches) - 1:
+                self.last_rank_bytes = {"grads": grad_bytes(self.engine)}
             self.engine.step()
             _accumulate(sums, out)
+        if self.measure_bytes:
+            self.last_rank_bytes = {**rank_bytes(self.engine), **self.last_rank_bytes}
         n = len(micro_batches)
-        metrics = {k: v / n for k, v in sums.items()}
-        metrics = self._mean_over_dp(metrics)
+        metrics = self._mean_over_dp({k: v / n for k, v in sums.items()})
         if bad:
             metrics["loss"] = math.nan
         self._after_step()
@@ -113,18 +90,18 @@ class TrainModule:
 
     def _after_step(self) -> None:
         buffers = self.model.load_buffers()
-        if buffers and dist.get_world_size() > 1:
+        if buffers and self.dims.dp > 1:
             for b in buffers:
-                dist.all_reduce(b)  # data parallel only: the world is the data-parallel group
+                dist.all_reduce(b, group=self.dp_group)  # TP ranks saw the same tokens: DP only
         self.model.after_optimizer_step()
 
     def _mean_over_dp(self, metrics: dict) -> dict:
-        if dist.get_world_size() == 1 or not metrics:
+        if self.dims.dp == 1 or not metrics:
             return metrics
         keys = sorted(metrics)
         t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+        dist.all_reduce(t, group=self.dp_group)
+        return {k: v / self.dims.dp for k, v in zip(keys, t.tolist())}
 
     @torch.no_grad()
     def eval_step(self, tokens, targets):
@@ -150,6 +127,16 @@ class TrainModule:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}")
 
 
+def grad_bytes(engine) -> int:
+    """Gradient bytes held after the last backward of a step, before the optimizer step."""
+    opt, stage = engine.optimizer, engine.zero_optimization_stage()
+    if stage == 3:
+        return opt.grad_partitions_flat_buffer.numel() * opt.grad_partitions_flat_buffer.element_size()
+    if stage == 2:
+        return sum(g.numel() * g.element_size() for gs in opt.averaged_gradients.values() for g in gs)
+    return sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None)
+
+
 def _accumulate(sums: dict, out) -> None:
     def add(key, value):
         sums[key] = sums.get(key, 0.0) + float(value)
@@ -162,5 +149,9 @@ def _accumulate(sums: dict, out) -> None:
         add(f"stats/{name}", value)
 
 
-def build_train_module(model, cfg, dims, load_universal: bool = False) -> TrainModule:
+def build_train_module(model, cfg, dims, load_universal: bool = False):
+    if dims.pp > 1:
+        from mor_dist.parallel.pipeline import PipelineTrainModule
+
+        return PipelineTrainModule(model, cfg, dims, load_universal)
     return TrainModule(model, cfg, dims, load_universal)

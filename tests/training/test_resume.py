@@ -60,6 +60,15 @@ def test_exact_resume_tensorboard_and_bad_checkpoints(tiny_dataset, tmp_path):
     a, b = _model_states(full, 6), _model_states(resumed, 6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # Export: one safetensors file + config that rebuilds exactly the checkpointed model.
+    r = run_mor(["export", str(full), "-o", str(tmp_path / "export")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    from mor_dist.training.export import load_exported
+
+    exported = load_exported(tmp_path / "export").state_dict()
+    assert int(exported["train_step"]) == 6
+    assert all(torch.equal(exported[k], a[k]) for k in a if k in exported) and set(a) <= set(exported)
+
     # A missing shard file is reported by name, and nothing is written.
     broken = tmp_path / "broken"
     _interrupt_after(full, broken, 3)

@@ -1,0 +1,75 @@
+"""`mor export`: one consolidated safetensors file plus the config, for inference and evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from mor_dist.training.checkpoint import CheckpointError, CheckpointManager
+
+log = logging.getLogger("mor.export")
+
+
+def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, dict, Path]:
+    """fp32 model state of a checkpoint (any ZeRO stage), its meta.json, and its folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    mgr = CheckpointManager(run_dir, keep_last=1)
+    folder = mgr.latest() if step is None else mgr.root / mgr.step_name(step)
+    if folder is None or not folder.is_dir():
+        raise CheckpointError(f"no checkpoint {'latest' if step is None else step} in {mgr.root}")
+    meta = mgr.verify(folder)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    # Buffers that carry routing state (warmup counters, loss-free bias) sit beside the parameters.
+    module_file = folder / "mp_rank_00_model_states.pt"
+    if module_file.is_file():
+        saved = torch.load(module_file, map_location="cpu", weights_only=False)
+        for name in saved.get("buffer_names", []):
+            if name in saved["module"]:
+                state[name] = saved["module"][name].float() if saved["module"][name].is_floating_point() else saved["module"][name]
+    return state, meta, folder
+
+
+def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from mor_dist.config import load_config
+    from mor_dist.model import build_model
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    state, meta, folder = consolidated_state(run_dir, step)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    expected = set(model.state_dict())
+    missing, extra = expected - set(state), set(state) - expected
+    if missing or extra:
+        raise CheckpointError(f"{folder} does not match the model of {run_dir / 'config.yaml'}: "
+                              f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(out_dir / "model.safetensors"),
+              metadata={"step": str(meta["step"]), "tokens_seen": str(meta["tokens_seen"]), "source": str(folder)})
+    (out_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    tok = Path(cfg.data.tokenizer or Path(cfg.data.dataset_dir) / "tokenizer.json")
+    if tok.is_file():
+        (out_dir / "tokenizer.json").write_bytes(tok.read_bytes())
+    (out_dir / "export.json").write_text(json.dumps({"step": meta["step"], "source": str(folder)}, indent=1))
+    log.info("exported step %d of %s to %s", meta["step"], run_dir, out_dir)
+    return out_dir / "model.safetensors"
+
+
+def load_exported(path: str | Path):
+    """The model of an export folder, in eval mode."""
+    from safetensors.torch import load_file
+
+    from mor_dist.config import load_config
+    from mor_dist.model import build_model
+
+    path = Path(path)
+    model = build_model(load_config(path / "config.yaml"))
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model.eval()
