@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SEQ_LEN
+from tests.data_pipeline.conftest import SEQ_LEN
 from mor_dist.data_pipeline.config import DataConfig
 from mor_dist.data_pipeline.errors import DataError
 from mor_dist.data_pipeline.loader import StreamingLoader, TokenDataset, build_loader, data_parallel_rank

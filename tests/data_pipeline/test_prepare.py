@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import SEQ_LEN, SHARD_SAMPLES, VAL_FRACTION, prepare_small
+from tests.data_pipeline.conftest import SEQ_LEN, SHARD_SAMPLES, VAL_FRACTION, prepare_small
 from mor_dist.data_pipeline import prepare as prep
 from mor_dist.data_pipeline.errors import DataError
 from mor_dist.data_pipeline.shards import ShardWriter
