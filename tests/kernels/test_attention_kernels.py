@@ -25,13 +25,15 @@ def positions(name, active):
         q = active([1, 1, 1], 40, seed=2)
         return q, q
     if name == "no_visible_key":  # queries 0 and 5 precede every key: output 0, no gradient
-        return [torch.tensor([0, 5, 9, 20, 21]), torch.arange(3, 30)], [torch.tensor([6, 7, 8, 30]), torch.arange(30)]
+        q = [torch.tensor([0, 5, 9, 20, 21]), torch.arange(3, 30)]
+        return q, [torch.tensor([6, 7, 8, 30]), torch.arange(30)]
     if name == "block_edges":  # KV-sharing with positions at the 16-token tile edges (interpreter tiles):
         # query tile 0 ends at key tile 1's first position, tile 1 starts one before key tile 1's last,
         # tiles 2 and 3 start at the last position of key tiles 2 and 3 (every tile-skip boundary).
-        q = torch.cat([torch.arange(15), torch.tensor([16]), torch.arange(30, 46), torch.arange(47, 63), torch.tensor([63])])
+        tiles = [torch.arange(15), torch.tensor([16]), torch.arange(30, 46), torch.arange(47, 63), torch.tensor([63])]
+        q = torch.cat(tiles)
         return [q], [torch.arange(64)]
-    if name == "unordered_queries":  # queries out of position order (keys in order): recursion-wise, KV-sharing
+    if name == "unordered_queries":  # queries out of position order, keys in order; recursion-wise, KV-sharing
         a, b = active([37, 33], 40, seed=5)
         g = torch.Generator().manual_seed(6)
         return [a[torch.randperm(37, generator=g)], b[torch.randperm(33, generator=g)]], [a, torch.arange(40)]
