@@ -30,6 +30,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def train(cfg, force: bool = False) -> int:
     from mor_dist.data_pipeline.loader import build_loader
+    from mor_dist.data_pipeline.manifest import load_manifest
     from mor_dist.model import build_model
     from mor_dist.parallel.dims import init_distributed
     from mor_dist.parallel.train_module import build_train_module
@@ -58,7 +59,11 @@ def train(cfg, force: bool = False) -> int:
     module = build_train_module(model, cfg, dims, load_universal=universal is not None)
 
     train_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "train", rank=dims.dp_rank, world_size=dims.dp)
-    val_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "val", rank=dims.dp_rank, world_size=dims.dp)
+    val_loader = None
+    if cfg.train.eval_interval and load_manifest(cfg.data.dataset_dir).data["splits"].get("val", {}).get("samples"):
+        val_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "val", rank=dims.dp_rank, world_size=dims.dp)
+    elif cfg.train.eval_interval and dims.rank == 0:
+        log.warning("the dataset has no validation split: no evaluation (prepare with data.val_fraction > 0)")
     tokenizer = _tokenizer(cfg)
     vocab = tokenizer.get_vocab_size() if tokenizer else None
     if vocab and vocab > cfg.model.vocab_size:
