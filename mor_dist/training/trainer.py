@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from mor_dist.model.accounting import train_flops_per_token
 from mor_dist.training.checkpoint import CheckpointManager
@@ -84,6 +85,9 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "loader": self.train_loader.state_dict(),
             "data_parallel_size": self.dims.dp,
+            # The resolved config travels with every checkpoint (the lr schedule is a pure function of
+            # the step and this config, so it needs no state of its own).
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
         path = self.ckpt.save(self.step, meta, self.module.save)
         if self.rank0:

@@ -1,5 +1,6 @@
 """`mor train` end to end: exact resume, DP 2 -> 1 resume, TensorBoard, bad checkpoints, config guard."""
 
+import json
 import shutil
 
 import torch
@@ -54,6 +55,8 @@ def test_exact_resume_tensorboard_and_bad_checkpoints(tiny_dataset, tmp_path):
     r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, resumed, train__steps=6)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout
+    meta = json.loads((resumed / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert meta["config"]["model"]["vocab_size"] == 512 and meta["step"] == 3 and meta["loader"]["position"] == 24
     again = tb_scalars(resumed)["train/loss"]
     assert sorted(again) == [4, 5, 6]
     assert [again[s] for s in (4, 5, 6)] == [losses[s] for s in (4, 5, 6)]
