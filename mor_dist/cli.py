@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mor_dist.data_pipeline.cli import add_data_parser
 
     add_data_parser(sub)
+    from mor_dist.launcher.cli import add_slurm_parsers
+
+    add_slurm_parsers(sub)
     return parser
 
 

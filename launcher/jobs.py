@@ -1,0 +1,60 @@
+"""The run folder's record of its SLURM jobs (run_dir/slurm/jobs.json) and scontrol queries."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+SLURM_DIR = "slurm"  # inside the run folder: the rendered script, job logs, jobs.json
+JOBS_FILE = "jobs.json"
+SCRIPT_FILE = "train.sbatch"
+LOG_PATTERN = "job-%j.log"  # sbatch expands %j to the job id
+
+
+def slurm_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / SLURM_DIR
+
+
+def log_path(run_dir: Path, job_id: str) -> Path:
+    return slurm_dir(run_dir) / LOG_PATTERN.replace("%j", str(job_id))
+
+
+def read_jobs(run_dir: Path) -> list[dict]:
+    path = slurm_dir(run_dir) / JOBS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def record_job(run_dir: Path, job_id: str, dependency: str | None) -> None:
+    jobs = read_jobs(run_dir) + [{"job_id": str(job_id), "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  "dependency": dependency, "log": str(log_path(run_dir, job_id))}]
+    path = slurm_dir(run_dir) / JOBS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(jobs, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def sbatch(script: Path, dependency: str | None = None) -> str:
+    cmd = ["sbatch", "--parsable"] + ([f"--dependency={dependency}"] if dependency else []) + [str(script)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout.strip().split(";")[0]  # "jobid[;cluster]"
+
+
+def show_job(job_id: str) -> dict | None:
+    """scontrol's fields of one job (JobState, ExitCode, Restarts, ...); None when it does not know it
+    (never existed, or finished longer ago than the cluster's MinJobAge)."""
+    r = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True)
+    if r.returncode or not r.stdout.strip():
+        return None
+    fields = {}
+    # One line of Key=Value pairs; values may hold spaces, keys never do.
+    for token in re.split(r"\s+(?=[\w:/.]+=)", r.stdout.strip()):
+        key, sep, value = token.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields

@@ -1,0 +1,90 @@
+"""`mor status RUN`: the run's SLURM job, training step, last checkpoint, TensorBoard folder."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from mor_dist.launcher import jobs
+
+FAILED_STATES = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "CANCELLED", "PREEMPTED"}
+STEP_LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.naif]+)")
+# Lines worth showing first when a job failed: mor's own user errors, exceptions, srun's verdicts.
+ERROR_LINE = re.compile(r"^(mor: |mor-slurm: |srun: error|\w*(Error|Exception)\b)|Error: ")
+
+
+def last_step(run_dir: Path) -> tuple[int, int, str] | None:
+    """(step, total, loss) of the last step line in train.log."""
+    log = run_dir / "train.log"
+    if not log.is_file():
+        return None
+    found = None
+    for line in log.read_text(errors="replace").splitlines():
+        m = STEP_LINE.search(line)
+        if m:
+            found = (int(m.group(1)), int(m.group(2)), m.group(3))
+    return found
+
+
+def last_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    path = run_dir / "checkpoints" / latest.read_text().strip()
+    meta = path / "meta.json"
+    return path, (json.loads(meta.read_text()) if meta.is_file() else {})
+
+
+def error_summary(log: Path, tail: int = 15) -> list[str]:
+    if not log.is_file():
+        return [f"(no log at {log})"]
+    lines = log.read_text(errors="replace").splitlines()
+    errors = [line for line in lines if ERROR_LINE.search(line)]
+    return ([*errors[-5:], "--- last lines of the log:"] if errors else []) + lines[-tail:]
+
+
+def status(args) -> int:
+    run_dir = Path(args.run).resolve()
+    records = jobs.read_jobs(run_dir)
+    if not records and not (run_dir / "config.yaml").is_file():
+        print(f"mor status: {run_dir} is not a run folder (no slurm/jobs.json, no config.yaml)")
+        return 2
+    print(f"run         {run_dir}")
+    code = 0
+    for i, rec in enumerate(records):
+        info = jobs.show_job(rec["job_id"])
+        latest = i == len(records) - 1
+        if info is None:
+            print(f"job         {rec['job_id']}  (unknown to scontrol: finished long ago?) submitted {rec['submitted']}")
+            continue
+        state = info.get("JobState", "?")
+        reason = info.get("Reason", "None")
+        print(f"job         {rec['job_id']}  {state}  exit {info.get('ExitCode', '?')}  restarts "
+              f"{info.get('Restarts', '0')}  nodes {info.get('NodeList', '?')}  runtime {info.get('RunTime', '?')}"
+              + (f"  reason {reason}" if reason not in ("None", "") else ""))
+        if latest and (state in FAILED_STATES or info.get("ExitCode", "0:0") != "0:0"):
+            code = 1
+            print(f"error       job {rec['job_id']} {state}; from its log {rec['log']}:")
+            for line in error_summary(Path(rec["log"])):
+                print(f"  {line}")
+    step = last_step(run_dir)
+    if step:
+        print(f"step        {step[0]}/{step[1]}  loss {step[2]}  (train.log)")
+    ckpt = last_checkpoint(run_dir)
+    if ckpt:
+        print(f"checkpoint  {ckpt[0]}  (step {ckpt[1].get('step', '?')}, {ckpt[1].get('tokens_seen', '?')} tokens)")
+    else:
+        print("checkpoint  none yet")
+    print(f"tensorboard tensorboard --logdir {run_dir / 'tensorboard'}")
+    if records:
+        print(f"log         {records[-1]['log']}")
+    return code
+
+
+def add_status_parser(sub) -> None:
+    p = sub.add_parser("status", help="SLURM job state, step, last checkpoint and TensorBoard path of a run",
+                       description="Reads the job ids mor submit recorded in RUN/slurm/jobs.json and asks "
+                       "scontrol about them. Exit code 1 when the latest job failed.")
+    p.add_argument("run", help="run folder (logging.run_dir)")
+    p.set_defaults(func=status)
