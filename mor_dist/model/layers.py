@@ -8,6 +8,7 @@ of being stored here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -62,12 +63,16 @@ class TokenFrame:
     valid: (B, K) bool, False on padding slots; None when every slot is a real token.
     kv_mode: "own" computes K/V from these tokens; "record" also stores them in kv_store (recursion 1
         under recursive KV sharing); "reuse" skips the K/V projections and attends to kv_store.
+    cache: decoding only (mor_dist/inference): maps a layer call's key to a KV cache view with
+        `writes`, `append(k, v, pos, valid)` and `attend(q, q_pos)`; keys then persist across calls.
+        None (training, full forwards) leaves kv_mode in charge.
     """
 
     pos: torch.Tensor
     valid: torch.Tensor | None = None
     kv_mode: str = "own"
     kv_store: dict = field(default_factory=dict)
+    cache: Any = None
 
 
 class Attention(nn.Module):
@@ -86,7 +91,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, frame: TokenFrame, key) -> torch.Tensor:
         q = self.rope(self._heads(self.wq(x)), frame.pos)
-        if frame.kv_mode == "reuse":
+        if frame.cache is not None:
+            # Incremental decoding: keys come from the cache, which holds earlier calls' tokens too.
+            view = frame.cache[key]
+            if view.writes:
+                k = self.rope(self._heads(self.wk(x)), frame.pos)
+                view.append(k, self._heads(self.wv(x)), frame.pos, frame.valid)
+            out = view.attend(q, frame.pos)
+        elif frame.kv_mode == "reuse":
             # Recursive KV sharing: this layer's K/V from recursion 1 (all its tokens); the active
             # queries see the ones at or before their original position.
             k, v, k_pos, k_valid = frame.kv_store[key]
