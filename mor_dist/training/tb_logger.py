@@ -34,7 +34,7 @@ class TensorBoardLogger:
         if self.writer is None:
             return
         lines = ["depth: " + " ".join(f"**{d}**" for d in range(max_depth + 1)), ""]
-        body = "".join(f"`{p}`<sub>{int(d)}</sub> " for p, d in zip(pieces, depth.tolist()))
+        body = "".join(f"`{_visible(p)}`<sub>{int(d)}</sub> " for p, d in zip(pieces, depth.tolist()))
         self.writer.add_text("routing/sample_depths", "\n".join(lines) + body, step)
         self.writer.add_image("routing/depth_map", depth_image(depth, max_depth), step, dataformats="HWC")
 
@@ -47,8 +47,13 @@ class TensorBoardLogger:
             self.writer.close()
 
 
-def depth_image(depth: torch.Tensor, max_depth: int, width: int = 32, cell: int = 8) -> np.ndarray:
-    """Tokens in reading order, `width` per row, each an 8x8 cell coloured by its depth."""
+def _visible(piece: str) -> str:
+    """A token as markdown code: newlines and backticks would break the panel."""
+    return piece.replace("`", "'").replace("\n", "\u21b5").replace("\t", "\u2192") or " "
+
+
+def depth_image(depth: torch.Tensor, max_depth: int, width: int = 32, cell: int = 12) -> np.ndarray:
+    """Tokens in reading order, `width` per row, each a cell coloured by its depth."""
     d = depth.flatten().clamp(0, max_depth).numpy()
     scale = (len(_PALETTE) - 1) / max(1, max_depth)
     colours = _PALETTE[np.round(d * scale).astype(int)]
