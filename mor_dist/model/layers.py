@@ -31,25 +31,34 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE tables indexed by a token's *original* position, so gathered tokens keep their place."""
+    """RoPE tables indexed by a token's *original* position, so gathered tokens keep their place.
+
+    The tables are built lazily per device in fp32 and are not buffers: casting the model to bf16
+    (DeepSpeed does) would otherwise round cos/sin of large angles, and they are never checkpointed.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        t = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (S, D/2)
-        # Not persistent: derived from the config, so never part of a checkpoint.
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self._tables: dict = {}
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._tables:
+            inv_freq = 1.0 / (
+                self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
+            )
+            freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device=device), inv_freq)
+            self._tables[key] = (freqs.cos(), freqs.sin())  # (S, D/2) each
+        return self._tables[key]
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: (B, H, K, D); pos: (B, K) original positions. Rotate-half convention (as HF Llama)."""
-        if pos.numel() and int(pos.max()) >= self.cos.shape[0]:
-            raise ValueError(
-                f"position {int(pos.max())} exceeds model.max_seq_len={self.cos.shape[0]}"
-            )
-        cos = self.cos[pos].unsqueeze(1)  # (B, 1, K, D/2)
-        sin = self.sin[pos].unsqueeze(1)
+        if pos.numel() and int(pos.max()) >= self.max_seq_len:
+            raise ValueError(f"position {int(pos.max())} exceeds model.max_seq_len={self.max_seq_len}")
+        cos_t, sin_t = self.tables(x.device)
+        cos = cos_t[pos].unsqueeze(1)  # (B, 1, K, D/2)
+        sin = sin_t[pos].unsqueeze(1)
         x1, x2 = x.float().chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return out.type_as(x)

@@ -83,6 +83,17 @@ class TokenChoiceRouter(nn.Module):
         # the trainer before the bias update).
         self.register_buffer("pending_load", torch.zeros(recursions))
 
+    def _apply(self, fn, recurse=True):
+        # Balancing statistics stay fp32 whatever dtype the model is cast to: bf16 can neither count
+        # millions of tokens nor add 0.001 to a bias of 0.5. Device moves still apply.
+        kept = {name: self._buffers[name] for name in ("bias", "pending_load")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype and not new.is_meta:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     def probs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.net(h).float()
         p = torch.softmax(logits, dim=-1) if self.func == "softmax" else torch.sigmoid(logits)
