@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mor_dist.launcher.cli import add_slurm_parsers
 
     add_slurm_parsers(sub)
+    from mor_dist.inference.cli import add_inference_parsers
+
+    add_inference_parsers(sub)
     return parser
 
 

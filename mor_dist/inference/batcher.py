@@ -81,7 +81,7 @@ class DepthWiseBatcher:
     def submit(self, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> int:
         if not prompt or max_new_tokens < 1:
             raise ValueError("a request needs a non-empty prompt and max_new_tokens >= 1")
-        limit = self.model.rope.max_seq_len
+        limit = self.model.cfg.max_seq_len
         if len(prompt) + max_new_tokens - 1 > limit:
             raise ValueError(f"prompt of {len(prompt)} + {max_new_tokens} new tokens exceeds max_seq_len={limit}")
         req = Request(self._next_id, list(prompt), max_new_tokens, eos)

@@ -139,7 +139,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, temperature: float =
     if not prompt:
         raise ValueError("empty prompt")
     device = model.embed.weight.device
-    limit = model.rope.max_seq_len
+    limit = model.cfg.max_seq_len
     if len(prompt) + max_new_tokens - 1 > limit:
         raise ValueError(f"prompt of {len(prompt)} + {max_new_tokens} new tokens exceeds max_seq_len={limit}")
     cache = ModelKVCache(model, 1, kv)

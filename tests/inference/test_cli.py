@@ -1,0 +1,46 @@
+"""`mor generate` and `mor serve-bench` on a tiny export folder."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+from mor_dist.cli import main
+from mor_dist.config import load_config, to_yaml
+from mor_dist.inference.decode import generate
+from mor_dist.inference.loading import load_for_inference
+from tests.inference.helpers import tiny_model
+
+
+def export_folder(tmp_path):
+    model = tiny_model("mor_expert")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config("configs/tiny/mor.yaml")))
+    return model
+
+
+def test_generate_ids_from_export_folder(tmp_path, capsys):
+    model = export_folder(tmp_path)
+    loaded, tok = load_for_inference(tmp_path)
+    assert tok is None
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert main(["generate", str(tmp_path), "--ids", "--prompt", "5,6,7,8", "--max-new-tokens", "6", "--stats"]) == 0
+    out = capsys.readouterr()
+    want = generate(model, [5, 6, 7, 8], 6)["tokens"]
+    assert out.out.strip() == ",".join(map(str, want))
+    assert json.loads(out.err.strip().splitlines()[-1])["new_tokens"] == 6
+
+
+def test_generate_needs_tokenizer_or_ids(tmp_path, capsys):
+    export_folder(tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "hello"]) == 2
+    assert "--ids" in capsys.readouterr().err
+
+
+def test_serve_bench_random_weights(capsys):
+    args = ["serve-bench", "--config", "configs/tiny/mor.yaml", "--requests", "4", "--prompt-len", "8",
+            "--gen-len", "4", "--max-requests", "2", "--device", "cpu"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["generated"] == 16 and res["tokens_per_s"] > 0 and len(res["depth_hist"]) == 4
