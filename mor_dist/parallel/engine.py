@@ -101,11 +101,12 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def rank_bytes(engine) -> dict[str, int]:
-    """Bytes this rank holds for parameters, gradients and optimizer state (master copies included).
+    """Bytes this rank holds for parameters and optimizer state (master copies included); gradients
+    live only between backward and step (train_module.grad_bytes).
 
     ZeRO-3 parameters count their local partition (ds_tensor), not the gathered size.
     """
-    params = grads = 0
+    params = 0
     for p in engine.module.parameters():
         if hasattr(p, "ds_tensor"):
             params += _nbytes(p.ds_tensor)
@@ -113,21 +114,14 @@ def rank_bytes(engine) -> dict[str, int]:
             params += _nbytes(p)
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
-    state = 0
-    seen: set[int] = set()
-    for group in inner.param_groups:
-        for p in group["params"]:
-            for v in inner.state.get(p, {}).values():
-                if torch.is_tensor(v) and v.dim() > 0 and id(v) not in seen:
-                    seen.add(id(v))
-                    state += _nbytes(v)
-    master = 0
-    if inner is not opt:  # ZeRO: the flat fp32 partitions the inner optimizer steps
-        for group in inner.param_groups:
-            for p in group["params"]:
-                master += _nbytes(p)
-                if p.grad is not None:
-                    grads += _nbytes(p.grad)
-    else:
-        grads = sum(_nbytes(p.grad) for p in engine.module.parameters() if p.grad is not None)
-    return {"params": params, "grads": grads, "optimizer": state + master}
+    if inner is opt:  # no ZeRO: the module's own parameters are stepped
+        stepped = [p for g in opt.param_groups for p in g["params"]]
+    elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3 empties the groups between steps
+        stepped = list(opt.fp32_partitioned_groups_flat)
+    else:  # ZeRO-1/2: one flat fp32 partition per group
+        stepped = [p for g in inner.param_groups for p in g["params"]]
+    state = sum(
+        _nbytes(v) for p in stepped for v in inner.state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0
+    )
+    master = 0 if inner is opt else sum(_nbytes(p) for p in stepped)
+    return {"params": params, "optimizer": state + master}

@@ -38,6 +38,8 @@ class TrainModule:
         if dims.tp > 1:
             mpu = MegatronMpu()
             self.dp_group = mpu.get_data_parallel_group()
+        # DeepSpeed keeps the last mpu in a module global; a new layout in this process must replace it.
+        deepspeed.utils.groups.mpu = mpu
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=adamw(model, cfg.optim), mpu=mpu,
             config=deepspeed_config(cfg, dims, load_universal),
@@ -132,7 +134,7 @@ def grad_bytes(engine) -> int:
     opt, stage = engine.optimizer, engine.zero_optimization_stage()
     if stage == 3:
         return opt.grad_partitions_flat_buffer.numel() * opt.grad_partitions_flat_buffer.element_size()
-    if stage == 2:
+    if stage in (1, 2):  # the reduced gradient partition (ZeRO-1 also frees the full grads here)
         return sum(g.numel() * g.element_size() for gs in opt.averaged_gradients.values() for g in gs)
     return sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None)
 

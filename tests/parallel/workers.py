@@ -1,0 +1,76 @@
+"""Functions run inside spawned ranks (importable by the spawn start method)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tests.parallel.common import config, model_for, step_batches, train_losses
+
+
+def _dims(cfg):
+    from mor_dist.parallel.dims import init_distributed
+
+    return init_distributed(cfg.parallel)
+
+
+def _gather_tp_grads(model, dims, prefix="shared."):
+    """Full gradients of the (tensor-parallel) parameters under prefix, gathered over the TP group."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    out = {}
+    for name, p in model.named_parameters():
+        if not name.startswith(prefix):
+            continue
+        g = p.grad.detach().clone()
+        key = name.replace(".inner", "")
+        if getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(g) for _ in range(dims.tp)]
+            dist.all_gather(parts, g, group=group)
+            g = torch.cat(parts, dim=p.partition_dim)
+        out[key] = g
+    return out
+
+
+def tp_cases(cases):
+    """TP=2 (world 2): per case, initial shared-block gradients (gathered), depths, 5-step losses."""
+    from mor_dist.parallel.train_module import build_train_module
+
+    results = {}
+    for name, overrides in cases:
+        cfg = config(name, ["parallel.tensor=2", *overrides])
+        dims = _dims(cfg)
+        model = model_for(cfg)
+        module = build_train_module(model, cfg, dims)
+        tokens, targets = step_batches(cfg, 0)[0]
+        out = model(tokens, targets)
+        out.loss.backward()
+        grads = _gather_tp_grads(model, dims)
+        model.zero_grad(set_to_none=True)
+        losses = train_losses(module, cfg, dims)
+        results[(name, overrides)] = {"grads": grads, "depth": out.depth, "losses": losses}
+    return results
+
+
+def zero_cases(stages, name="mor"):
+    """DP=2 (world 2): per ZeRO stage, 5-step losses and the measured per-rank bytes."""
+    from mor_dist.parallel.train_module import build_train_module
+
+    results = {}
+    for stage in stages:
+        cfg = config(name, [f"parallel.zero_stage={stage}"])
+        dims = _dims(cfg)
+        module = build_train_module(model_for(cfg), cfg, dims)
+        module.measure_bytes = True
+        losses = train_losses(module, cfg, dims)
+        results[stage] = {"losses": losses, "bytes": dict(module.last_rank_bytes)}
+    return results
+
+
+def run_all(jobs):
+    """Several groups of cases in one world: [(worker name, args), ...] -> {worker name: result}."""
+    import sys
+
+    module = sys.modules[__name__]
+    return {name: getattr(module, name)(*args) for name, args in jobs}
