@@ -42,7 +42,8 @@ def slurm_cluster():
         assert up.returncode == 0, f"local cluster did not come up:\n{up.stdout}\n{up.stderr}"
         yield STATE_DIR
     finally:
-        subprocess.run([str(CLUSTER), "down"], env=env, timeout=120)
+        if not os.environ.get("MOR_SLURM_KEEP"):  # keep it (and its logs) up for debugging
+            subprocess.run([str(CLUSTER), "down"], env=env, timeout=120)
         if old_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:

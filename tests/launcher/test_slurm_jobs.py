@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
@@ -16,8 +17,8 @@ PREEMPT_AT = 10
 
 def overrides(dataset, run_dir, **extra):
     # Checkpoints only on the signal and at the end: the resume must come from the preemption save.
-    return tiny_overrides(dataset, run_dir, train__steps=STEPS, train__eval_interval=0, checkpoint__interval=1000,
-                          logging__log_interval=1, **extra)
+    values = {"train__steps": STEPS, "train__eval_interval": 0, "checkpoint__interval": 1000, **extra}
+    return tiny_overrides(dataset, run_dir, **values)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,16 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_loss(two_job
     # What the scheduler does before a time limit (--signal=B:USR1) or a preemption, at once.
     subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True)
     wait_for_text(log_file, "requeueing job")
-    # A requeued job is held ~2 min (BeginTime) before it may start again: release it now.
+    # A requeued job is held ~2 min (BeginTime) before it may start again: release it early. Not at
+    # once: slurmd refuses to relaunch a job id within the second its credential was revoked (the kill
+    # of the requeue): "Job credential revoked", and the job fails.
     info = wait_for(job, states={"PENDING"}, timeout=60)
     assert info["Restarts"] == "1", info
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     info = wait_for(job)
     log = log_file.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
 
     saved = int(log.split("checkpoint at step ")[1].split()[0])
     assert PREEMPT_AT <= saved < STEPS, log[-4000:]
@@ -93,3 +97,23 @@ def test_failing_job_reports_a_clear_error(slurm_cluster, tiny_dataset, tmp_path
     st = mor_status(run_dir)
     assert st.returncode == 1
     assert f"{job}  FAILED  exit 2:0" in st.stdout and "mor: DataError" in st.stdout, st.stdout
+
+
+def test_requeue_limit_stops_the_loop_and_a_chained_job_continues(slurm_cluster, tiny_dataset, tmp_path):
+    from mor_dist.launcher.jobs import read_jobs
+
+    run_dir = tmp_path / "chained"
+    submit(CONFIG, overrides(tiny_dataset, run_dir, train__steps=12), "--max-restarts=0", "--chain=2")
+    first, second = (j["job_id"] for j in read_jobs(run_dir))
+    assert read_jobs(run_dir)[1]["dependency"] == f"afterany:{first}"
+    wait_for_text(run_dir / "train.log", "step 3/12")
+    subprocess.run(["scancel", "--signal=USR1", "--full", first], check=True)
+    info = wait_for(first)
+    log = (run_dir / "slurm" / f"job-{first}.log").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "0", log[-3000:]
+    assert "not requeueing: the job was already requeued 0 times (max 0)" in log
+    # The next allocation of the chain picks the run up from the preemption checkpoint.
+    info = wait_for(second)
+    log = (run_dir / "slurm" / f"job-{second}.log").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step_" in log and "done: 12 steps" in log
