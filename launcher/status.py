@@ -11,7 +11,7 @@ from mor_dist.launcher import jobs
 FAILED_STATES = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "CANCELLED", "PREEMPTED"}
 STEP_LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.naif]+)")
 # Lines worth showing first when a job failed: mor's own user errors, exceptions, srun's verdicts.
-ERROR_LINE = re.compile(r"^(mor: |mor-slurm: |srun: error|\w*(Error|Exception)\b)|Error: ")
+ERROR_LINE = re.compile(r"^(mor: |srun: error|\w*(Error|Exception)\b)|mor-slurm: |Error: ")
 
 
 def last_step(run_dir: Path) -> tuple[int, int, str] | None:
