@@ -48,7 +48,10 @@ def sbatch(script: Path, dependency: str | None = None) -> str:
 def show_job(job_id: str) -> dict | None:
     """scontrol's fields of one job (JobState, ExitCode, Restarts, ...); None when it does not know it
     (never existed, or finished longer ago than the cluster's MinJobAge)."""
-    r = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True)
+    try:
+        r = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True)
+    except FileNotFoundError:  # not on a SLURM host: the run folder still tells the rest
+        return None
     if r.returncode or not r.stdout.strip():
         return None
     fields = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -29,7 +30,7 @@ def test_dry_run_renders_a_gpu_job(capsys, tmp_path):
     assert sbatch_lines(script) == [
         "--job-name=mor-run", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=24:00:00",
         "--partition=gpu", "--account=proj", "--signal=B:USR1@120", "--requeue", "--open-mode=append",
-        f"--output={run}/slurm/job-%j.log", f"--chdir={subprocess.os.getcwd()}", "--exclusive",
+        f"--output={run}/slurm/job-%j.log", f"--chdir={os.getcwd()}", "--exclusive",
     ]
     assert "MAX_RESTARTS=3" in script and "{{" not in script
     assert f"train {(TEMPLATE.parents[1] / CONFIG)} train.steps=100 logging.run_dir={run})" in script
