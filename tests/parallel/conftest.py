@@ -16,9 +16,34 @@ TP_CASES = [
 ]
 ZERO_STAGES = [1, 2, 3]
 
-WORLD2_JOBS = [("tp_cases", (TP_CASES,)), ("zero_cases", (ZERO_STAGES,))]
+PP2_CASES = [
+    ("mor", ("parallel.pipeline=2",)),  # default mapping: recursions 2 | 1
+    ("mor_token", ("parallel.pipeline=2",)),
+    ("mor_kvshare", ("parallel.pipeline=2", "parallel.stage_recursions=[3,0]")),  # pinned: KV stays on stage 0
+]
+PP3_CASES = [
+    ("mor", ("parallel.pipeline=3",)),  # embed+first | 3 recursions | last+head
+    # A recursion on every stage: the middle stage receives and sends token-choice state.
+    ("mor_token", ("parallel.pipeline=3", "parallel.stage_recursions=[1,1,1]")),
+]
+WORLD4_CASES = [
+    ("mor", ("parallel.pipeline=2", "parallel.tensor=2")),
+    ("mor", ("parallel.tensor=2",)),  # TP2 x DP2
+]
+
+WORLD2_JOBS = [("tp_cases", (TP_CASES,)), ("zero_cases", (ZERO_STAGES,)), ("pp_cases", (PP2_CASES,))]
 
 
 @pytest.fixture(scope="session")
 def world2():
     return run_world(workers.run_all, 2, WORLD2_JOBS)
+
+
+@pytest.fixture(scope="session")
+def world3():
+    return run_world(workers.run_all, 3, [("pp_cases", (PP3_CASES,))])
+
+
+@pytest.fixture(scope="session")
+def world4():
+    return run_world(workers.run_all, 4, [("pp_cases", (WORLD4_CASES,))])

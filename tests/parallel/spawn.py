@@ -25,9 +25,13 @@ def _entry(rank, world, port, fn, args, queue):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+    import faulthandler
+
     import torch
 
     torch.set_num_threads(1)
+    if os.environ.get("MOR_TEST_STACKS_AFTER"):  # debugging a hang: every rank prints its stacks
+        faulthandler.dump_traceback_later(float(os.environ["MOR_TEST_STACKS_AFTER"]), exit=True)
     try:
         # Plain bytes: torch's queue pickler shares tensors through fds that die with the rank.
         buf = io.BytesIO()

@@ -74,3 +74,26 @@ def run_all(jobs):
 
     module = sys.modules[__name__]
     return {name: getattr(module, name)(*args) for name, args in jobs}
+
+
+def pp_cases(cases):
+    """Pipeline layouts: per case, 5-step losses, this rank's stage, its tied weights after training,
+    an eval result, and per-rank bytes."""
+    from mor_dist.parallel.train_module import build_train_module
+
+    results = {}
+    for name, overrides in cases:
+        cfg = config(name, list(overrides))
+        dims = _dims(cfg)
+        module = build_train_module(model_for(cfg), cfg, dims)
+        module.measure_bytes = True
+        losses = train_losses(module, cfg, dims)
+        tied_modules = module.pipe.tied_modules.items() if hasattr(module, "pipe") else ()
+        tied = {k: {n: p.detach().clone() for n, p in m.named_parameters()} for k, m in tied_modules}
+        tokens, targets = step_batches(cfg, 0)[0]
+        ev = module.eval_step(tokens, targets)
+        results[(name, overrides)] = {
+            "losses": losses, "stage": dims.pp_rank, "tp_rank": dims.tp_rank, "tied": tied, "eval": ev,
+            "bytes": dict(module.last_rank_bytes),
+        }
+    return results
