@@ -60,8 +60,9 @@ class TrainModule:
             group["lr"] = lr
         sums: dict[str, float] = {}
         bad = False
+        peak = 0
         device = self.engine.device
-        for i, (tokens, targets) in enumerate(micro_batches):
+        for tokens, targets in micro_batches:
             out = self.engine(tokens.to(device), targets.to(device))
             finite = torch.tensor([1.0 if torch.isfinite(out.loss).item() else 0.0])
             if dist.get_world_size() > 1:
@@ -74,12 +75,12 @@ class TrainModule:
             else:
                 loss = out.loss
             self.engine.backward(loss)
-            if self.measure_bytes and i == len(micro_batches) - 1:
-                self.last_rank_bytes = {"grads": grad_bytes(self.engine)}
+            if self.measure_bytes:
+                peak = max(peak, grad_bytes(self.engine))
             self.engine.step()
             _accumulate(sums, out)
         if self.measure_bytes:
-            self.last_rank_bytes = {**rank_bytes(self.engine), **self.last_rank_bytes}
+            self.last_rank_bytes = {**rank_bytes(self.engine), "grads": peak}
         n = len(micro_batches)
         metrics = self._mean_over_dp({k: v / n for k, v in sums.items()})
         if bad:
@@ -130,13 +131,15 @@ class TrainModule:
 
 
 def grad_bytes(engine) -> int:
-    """Gradient bytes held after the last backward of a step, before the optimizer step."""
+    """Gradient bytes held right after a backward: the parameters' .grad (accumulating between
+    optimizer steps, freed by ZeRO-2/3 hooks) plus ZeRO's reduced partitions."""
     opt, stage = engine.optimizer, engine.zero_optimization_stage()
+    held = sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None)
     if stage == 3:
-        return opt.grad_partitions_flat_buffer.numel() * opt.grad_partitions_flat_buffer.element_size()
-    if stage in (1, 2):  # the reduced gradient partition (ZeRO-1 also frees the full grads here)
-        return sum(g.numel() * g.element_size() for gs in opt.averaged_gradients.values() for g in gs)
-    return sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None)
+        held += opt.grad_partitions_flat_buffer.numel() * opt.grad_partitions_flat_buffer.element_size()
+    elif stage in (1, 2):
+        held += sum(g.numel() * g.element_size() for gs in opt.averaged_gradients.values() if gs for g in gs)
+    return held
 
 
 def _accumulate(sums: dict, out) -> None:

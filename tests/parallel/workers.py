@@ -43,13 +43,16 @@ def tp_cases(cases):
         dims = _dims(cfg)
         model = model_for(cfg)
         module = build_train_module(model, cfg, dims)
+        module.measure_bytes = True
         tokens, targets = step_batches(cfg, 0)[0]
         out = model(tokens, targets)
         out.loss.backward()
         grads = _gather_tp_grads(model, dims)
         model.zero_grad(set_to_none=True)
         losses = train_losses(module, cfg, dims)
-        results[(name, overrides)] = {"grads": grads, "depth": out.depth, "losses": losses}
+        results[(name, overrides)] = {
+            "grads": grads, "depth": out.depth, "losses": losses, "bytes": dict(module.last_rank_bytes)
+        }
     return results
 
 

@@ -1,0 +1,207 @@
+"""`mor plan`: per-rank memory of a parallel layout, estimated without allocating weights.
+
+Parameters are counted on the meta device and assigned to pipeline stages as pipeline.py places them
+(embedding on the first stage and, tied, on the last; the shared block on every stage that runs a
+recursion; router r where recursion r runs); tensor-parallel weights are split by parallel.tensor.
+Bytes per parameter (DeepSpeed with torch AdamW):
+  parameters  2 (bf16) or 4 (fp32)               ZeRO-3: / dp
+  gradients   same as parameters                  ZeRO-2/3: / dp
+  optimizer   12 (fp32 master + exp_avg + exp_avg_sq; fp32 without ZeRO: 8, no master copy)
+              ZeRO-1/2/3: / dp
+Activations: bytes saved for backward per micro-batch, from a per-token count of a Llama layer
+(residual, norms, Q/K/V, attention output, SwiGLU), with each recursion's tokens at its capacity
+and the logits and loss at full vocabulary (split by TP); activation checkpointing keeps only the
+region inputs plus one recomputed region. Under 1F1B stage s holds up to (pipeline - s) micro-batches.
+The tests check parameters, gradients and optimizer state against the bytes measured in real runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+
+import torch
+
+GIB = 1024**3
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1024, "mib": 1024**2, "gib": GIB, "tib": 1024**4}
+# Framework buffers, allocator slack, communication buckets: reserved on top of the estimate.
+OVERHEAD_FRACTION = 0.10
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read a size from {text!r} (e.g. 80GiB, 40GB, 512MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    params: int  # elements held by one rank of this stage (before ZeRO-3 partitioning)
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def _tp_split(name: str) -> bool:
+    """Weights tensor parallelism splits: projections of every layer, the embedding and the head."""
+    return bool(re.search(r"\.(wq|wk|wv|wo|w_gate|w_up|w_down)\.weight$", name)) or name in ("embed.weight", "head.weight")
+
+
+def stage_params(cfg) -> list[int]:
+    """Parameter elements held by one rank of each pipeline stage."""
+    from mor_dist.model import build_model
+    from mor_dist.parallel.stages import stage_plan
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    p = cfg.parallel
+    pp, tp = p.pipeline, p.tensor
+    plan = stage_plan(cfg) if pp > 1 else [model.layout.recursions]
+    owner_of_r = [s for s, n in enumerate(plan) for _ in range(n)]
+    counts = [0] * pp
+    for name, w in model.named_parameters():
+        n = w.numel() // tp if _tp_split(name) else w.numel()
+        if name == "embed.weight":
+            stages = {0, pp - 1} if model.head is None else {0}
+        elif name.startswith(("prefix.", "token_router.")):
+            stages = {0}
+        elif name.startswith(("suffix.", "norm.", "head.")):
+            stages = {pp - 1}
+        elif name.startswith("shared."):
+            stages = {s for s, k in enumerate(plan) if k}
+        elif name.startswith("routers."):
+            stages = {owner_of_r[int(name.split(".")[1])]}
+        else:
+            raise ValueError(f"plan does not know where parameter {name} lives")
+        for s in stages:
+            counts[s] += n
+    return counts
+
+
+def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> int:
+    from mor_dist.model.accounting import step_token_fractions
+
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tensor, p.pipeline
+    b, t = cfg.train.micro_batch_size, cfg.data.seq_len
+    hd = m.head_dim or m.d_model // m.n_heads
+    q, kv, d, ff = m.n_heads * hd, m.n_kv_heads * hd, m.d_model, m.d_ff
+    # Saved per token and layer: residual/norm inputs and outputs (replicated under TP) and the
+    # attention and SwiGLU internals (split by TP).
+    per_token_layer = 6 * d + (3 * q + 4 * kv + 4 * ff) // tp
+    ckpt = p.activation_checkpointing
+    from mor_dist.model.layout import make_layout
+
+    lay = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers)
+    fracs = step_token_fractions(cfg)
+    start = sum(plan[:stage])
+    rec = range(start, start + plan[stage])
+    tokens = b * t
+    units = 0.0  # elements saved for backward for one micro-batch on this stage
+    regions = [0.0]  # a checkpointed region's activations, recomputed one at a time in backward
+    if stage == 0:
+        unique = lay.prefix * per_token_layer * tokens
+        units += tokens * d  # embedding output
+        if ckpt == "full":
+            units += lay.prefix * tokens * d
+            regions.append(per_token_layer * tokens)
+        else:
+            units += unique
+    for r in rec:
+        k = fracs[r] * tokens
+        block = lay.block * per_token_layer * k
+        units += 3 * k * d + tokens  # gather, gated update, scatter; router logits
+        if ckpt in ("recursion", "full"):
+            units += k * d
+            regions.append(block)
+        else:
+            units += block
+    if stage == pp - 1:
+        unique = lay.suffix * per_token_layer * tokens
+        if ckpt == "full":
+            units += lay.suffix * tokens * d
+            regions.append(per_token_layer * tokens)
+        else:
+            units += unique
+        units += 2 * tokens * d + 2 * tokens * m.vocab_size / tp  # final norm; logits and softmax (fp32)
+    in_flight = min(pp - stage, max(1, cfg.train.global_batch_size // (b * dp))) if pp > 1 else 1
+    return int((units * in_flight + max(regions)) * elem)
+
+
+def estimate(cfg, gpus: int) -> tuple[list[StageMemory], int]:
+    """Per-stage memory of one rank, and the data-parallel size, for `gpus` ranks."""
+    from mor_dist.parallel.engine import uses_bf16
+    from mor_dist.parallel.parallelize import check_layout
+    from mor_dist.parallel.stages import stage_plan
+
+    p = cfg.parallel
+    check_layout(cfg)
+    if gpus % (p.tensor * p.pipeline):
+        raise ValueError(f"--gpus {gpus} is not divisible by parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline}")
+    dp = gpus // (p.tensor * p.pipeline)
+    elem = 2 if uses_bf16(cfg) else 4
+    zero = p.zero_stage
+    plan = stage_plan(cfg) if p.pipeline > 1 else [cfg.model.recursions]
+    out = []
+    for s, n in enumerate(stage_params(cfg)):
+        params = n * elem // (dp if zero >= 3 else 1)
+        grads = n * elem // (dp if zero >= 2 else 1)
+        opt_per = 8 if (zero == 0 and elem == 4) else 12
+        optim = n * opt_per // (dp if zero >= 1 else 1)
+        out.append(StageMemory(s, n, params, grads, optim, _activation_bytes(cfg, s, plan, dp, elem)))
+    return out, dp
+
+
+def _fmt(n: float) -> str:
+    return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:8.2f} MiB"
+
+
+def run_plan(args) -> int:
+    """Print the estimate; exit code 0 when every rank fits in --gpu-mem, 1 when not."""
+    from mor_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    budget = parse_bytes(args.gpu_mem)
+    stages, dp = estimate(cfg, args.gpus)
+    p = cfg.parallel
+    print(f"layout: {args.gpus} GPUs = tensor {p.tensor} x data {dp} x pipeline {p.pipeline}, ZeRO-{p.zero_stage}, "
+          f"activation checkpointing {p.activation_checkpointing}, micro-batch {cfg.train.micro_batch_size} x "
+          f"{cfg.data.seq_len} tokens")
+    print(f"{'stage':>5} {'params/rank':>12} {'parameters':>12} {'gradients':>12} {'optimizer':>12} "
+          f"{'activations':>12} {'total':>12}")
+    for s in stages:
+        print(f"{s.stage:>5} {s.params:>12,} {_fmt(s.param_bytes):>12} {_fmt(s.grad_bytes):>12} "
+              f"{_fmt(s.optimizer_bytes):>12} {_fmt(s.activation_bytes):>12} {_fmt(s.total):>12}")
+    peak = max(s.total for s in stages) * (1 + OVERHEAD_FRACTION)
+    fits = peak <= budget
+    print(f"peak per rank with {OVERHEAD_FRACTION:.0%} overhead: {_fmt(peak).strip()} of {_fmt(budget).strip()}: "
+          f"{'fits' if fits else 'does NOT fit'}")
+    return 0 if fits else 1
+
+
+def add_plan_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="per-rank memory of a parallel layout (no weights allocated); exit 1 if it does not fit",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/paper/1.7b/mor_nr3.yaml")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. parallel.tensor=2 parallel.zero_stage=2")
+    p.add_argument("--gpus", type=int, required=True, help="total ranks (tensor x data x pipeline)")
+    p.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB (default), 40GB")
+    p.set_defaults(func=run_plan)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mor")
+    add_plan_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,61 @@
+"""`mor plan` estimates against the per-rank bytes measured in the spawned runs (within 15%)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mor_dist.parallel.plan import estimate, main, parse_bytes
+from tests.parallel.common import config
+from tests.parallel.conftest import PP2_CASES, TP_CASES, ZERO_STAGES
+
+TOL = 0.15
+
+
+def _close(est, measured):
+    assert measured > 0
+    assert est == pytest.approx(measured, rel=TOL), f"estimate {est} vs measured {measured}"
+
+
+@pytest.mark.parametrize("stage", ZERO_STAGES)
+def test_plan_matches_zero_runs(world2, stage):
+    est, dp = estimate(config("mor", [f"parallel.zero_stage={stage}"]), gpus=2)
+    assert dp == 2
+    for r in world2:
+        got = r["zero_cases"][stage]["bytes"]
+        _close(est[0].param_bytes, got["params"])
+        _close(est[0].grad_bytes, got["grads"])
+        _close(est[0].optimizer_bytes, got["optimizer"])
+
+
+def test_plan_matches_tp2_run(world2):
+    case = TP_CASES[0]
+    est, _ = estimate(config(case[0], ["parallel.tensor=2", *case[1]]), gpus=2)
+    for r in world2:
+        got = r["tp_cases"][case]["bytes"]
+        _close(est[0].param_bytes, got["params"])
+        _close(est[0].grad_bytes, got["grads"])
+        _close(est[0].optimizer_bytes, got["optimizer"])
+
+
+@pytest.mark.parametrize("case", PP2_CASES[:2], ids=lambda c: c[0])
+def test_plan_matches_pp2_run(world2, case):
+    est, _ = estimate(config(case[0], list(case[1])), gpus=2)
+    for r in world2:
+        got = r["pp_cases"][case]
+        _close(est[got["stage"]].param_bytes, got["bytes"]["params"])
+        _close(est[got["stage"]].optimizer_bytes, got["bytes"]["optimizer"])
+
+
+def test_plan_cli_fits_and_does_not(capsys):
+    assert parse_bytes("80GiB") == 80 * 1024**3 and parse_bytes("40GB") == 40 * 10**9
+    assert main(["plan", "configs/paper/1.7b/mor_nr3.yaml", "parallel.tensor=2", "--gpus", "8", "--gpu-mem", "80GiB"]) == 0
+    assert "fits" in capsys.readouterr().out
+    assert main(["plan", "configs/paper/1.7b/mor_nr3.yaml", "--gpus", "1", "--gpu-mem", "4GiB"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_plan_rejects_zero3_with_pipeline():
+    from mor_dist.parallel.dims import ParallelLayoutError
+
+    with pytest.raises((ParallelLayoutError, ValueError), match="zero_stage"):
+        estimate(config("mor", ["parallel.pipeline=2", "parallel.zero_stage=3"]), gpus=2)
