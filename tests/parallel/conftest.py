@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.parallel import workers
-from tests.parallel.spawn import run_world
+from mor_dist.parallel.local_world import run_world
 
 TP_CASES = [
     ("mor", ()),  # expert-choice, recursion-wise KV

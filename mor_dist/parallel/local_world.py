@@ -1,4 +1,4 @@
-"""Run a function in N real processes over gloo, as torchrun would start them.
+"""Run a function in N local processes over gloo, as torchrun would start them (tests, benchmarks).
 
 Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (a port free right now),
 one intra-op thread, and returns fn's result (picklable) to the caller; a failure in any rank raises
