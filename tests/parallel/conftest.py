@@ -31,12 +31,19 @@ WORLD4_CASES = [
     ("mor", ("parallel.tensor=2",)),  # TP2 x DP2
 ]
 
-WORLD2_JOBS = [("tp_cases", (TP_CASES,)), ("zero_cases", (ZERO_STAGES,)), ("pp_cases", (PP2_CASES,))]
+CKPT_CASES = [("parallel.zero_stage=2",), ("parallel.pipeline=2",), ("parallel.tensor=2",)]
+
+
+def world2_jobs(folder):
+    return [
+        ("tp_cases", (TP_CASES,)), ("zero_cases", (ZERO_STAGES,)), ("pp_cases", (PP2_CASES,)),
+        ("ckpt_cases", (CKPT_CASES, str(folder))),
+    ]
 
 
 @pytest.fixture(scope="session")
-def world2():
-    return run_world(workers.run_all, 2, WORLD2_JOBS)
+def world2(tmp_path_factory):
+    return run_world(workers.run_all, 2, world2_jobs(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="session")

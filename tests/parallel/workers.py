@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tests.parallel.common import config, model_for, step_batches, train_losses
+from tests.parallel.common import config, model_for, rank_share, step_batches, train_losses
 
 
 def _dims(cfg):
@@ -100,3 +100,35 @@ def pp_cases(cases):
             "bytes": dict(module.last_rank_bytes),
         }
     return results
+
+
+def ckpt_cases(cases, folder):
+    """Save after 2 steps, take step 3; a fresh module (other init) loads the save and takes step 3:
+    the two step-3 losses and the restored step counters must agree."""
+    from pathlib import Path
+
+    from mor_dist.parallel.train_module import build_train_module
+
+    results = {}
+    for i, overrides in enumerate(cases):
+        cfg = config("mor", list(overrides))
+        dims = _dims(cfg)
+        module = build_train_module(model_for(cfg), cfg, dims)
+        train_losses(module, cfg, dims, steps=2)
+        where = Path(folder) / f"case{i}" / "step2"
+        module.save(where)
+        after = module.train_step(rank_share(step_batches(cfg, 2), dims.dp, dims.dp_rank), cfg.optim.lr)["loss"]
+        torch.manual_seed(99)
+        fresh_model = build_model_like(cfg)
+        fresh = build_train_module(fresh_model, cfg, dims)
+        fresh.load(where)
+        counter = int(fresh_model.train_step)
+        resumed = fresh.train_step(rank_share(step_batches(cfg, 2), dims.dp, dims.dp_rank), cfg.optim.lr)["loss"]
+        results[overrides] = {"after": after, "resumed": resumed, "counter": counter}
+    return results
+
+
+def build_model_like(cfg):
+    from mor_dist.model import build_model
+
+    return build_model(cfg)  # seeded by the caller differently from model_for: loading must matter
