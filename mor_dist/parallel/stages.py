@@ -126,6 +126,7 @@ class _ModelPiece(nn.Module):
         self.names = names
         # The optimizer-step counter drives warmups on every stage and is saved with each stage.
         self.register_buffer("train_step", model.train_step)
+        self.stats: dict = {}  # routing stats summed over this step's micro-batches (train_step resets)
 
     @property
     def model(self):
@@ -161,7 +162,6 @@ class FirstStage(_ModelPiece):
         super().__init__(model, names)
         self.prefix = model.prefix
         self.token_router = model.token_router
-        self.stats: dict = {}
 
     def forward(self, tokens):
         state = self.model.begin(tokens, self.mode)
@@ -177,7 +177,6 @@ class Recursions(_ModelPiece):
         super().__init__(model, names)
         self.start, self.stop = start, stop
         self.routers = nn.ModuleList(list(model.routers)[start:stop])
-        self.stats: dict = {}
 
     def forward(self, acts):
         state, aux = unpack(acts, self.mode, expert=len(self.model.routers) > 0)
@@ -195,7 +194,6 @@ class LastStage(_ModelPiece):
     def __init__(self, model, names):
         super().__init__(model, names)
         self.suffix, self.norm, self.head = model.suffix, model.norm, model.head
-        self.stats = {}
 
     def forward(self, acts):
         state, aux = unpack(acts, self.mode, expert=len(self.model.routers) > 0)

@@ -14,7 +14,6 @@ PipelineTrainModule of pipeline.py, which keeps the same contract.
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -23,8 +22,6 @@ import torch.distributed as dist
 
 from mor_dist.parallel.engine import MegatronMpu, adamw, deepspeed_config, import_deepspeed, rank_bytes
 from mor_dist.parallel.parallelize import parallelize
-
-log = logging.getLogger("mor.train")
 
 
 class TrainModule:

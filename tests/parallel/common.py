@@ -57,9 +57,7 @@ def reference_losses(cfg, steps: int = STEPS) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad()
-        for b in model.load_buffers():
-            pass  # one process: the buffers already hold every micro-batch's load
-        model.after_optimizer_step()
+        model.after_optimizer_step()  # one process: the load buffers already hold every micro-batch
         losses.append(total)
     return losses
 

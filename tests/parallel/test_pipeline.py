@@ -37,6 +37,14 @@ def _check(ranks, case):
 @pytest.mark.parametrize("case", PP2_CASES, ids=ids)
 def test_pp2_equals_pp1(world2, case):
     got = _check(world2, case)
+    # Metrics from every stage reach every rank: aux losses (last stage) and routing stats.
+    metrics = [r["metrics"] for r in got]
+    assert metrics[0] == metrics[1]
+    if case[0] == "mor":
+        for key in ("loss", "lm_loss", "aux/router_bce/r1", "aux/router_bce/r3", "stats/active_frac/r1",
+                    "stats/active_frac/r3", "grad_norm"):
+            assert key in metrics[0], key
+        assert metrics[0]["stats/active_frac/r3"] == pytest.approx(int(32 / 3) / 32)  # k_3 = floor(T/3)
     holders = [r["stage"] for r in got if "shared" in r["tied"]]
     assert holders == ([0] if "parallel.stage_recursions=[3,0]" in case[1] else [0, 1])
 

@@ -91,13 +91,14 @@ def pp_cases(cases):
         module = build_train_module(model_for(cfg), cfg, dims)
         module.measure_bytes = True
         losses = train_losses(module, cfg, dims)
+        metrics = module.train_step(rank_share(step_batches(cfg, 5), dims.dp, dims.dp_rank), cfg.optim.lr)
         tied_modules = module.pipe.tied_modules.items() if hasattr(module, "pipe") else ()
         tied = {k: {n: p.detach().clone() for n, p in m.named_parameters()} for k, m in tied_modules}
         tokens, targets = step_batches(cfg, 0)[0]
         ev = module.eval_step(tokens, targets)
         results[(name, overrides)] = {
             "losses": losses, "stage": dims.pp_rank, "tp_rank": dims.tp_rank, "tied": tied, "eval": ev,
-            "bytes": dict(module.last_rank_bytes),
+            "bytes": dict(module.last_rank_bytes), "metrics": metrics,
         }
     return results
 
