@@ -79,6 +79,16 @@ def build_layers(model, plan: list[int], names: list[str]):
     return layers, parts
 
 
+def _release_unowned(model, pipe) -> None:
+    """Every rank built the whole model (same seed, so stages start identical); keep only this stage's
+    weights. The others become empty tensors: module.model's state_dict is not a checkpoint under
+    PP, DeepSpeed's per-layer files are."""
+    owned = {id(p) for p in pipe.parameters()}
+    for p in model.parameters():
+        if id(p) not in owned:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
 class PipelineTrainModule:
     """Same contract as train_module.TrainModule, for parallel.pipeline > 1."""
 
@@ -109,6 +119,7 @@ class PipelineTrainModule:
             model=self.pipe, optimizer=adamw(self.pipe, cfg.optim), config=deepspeed_config(cfg, dims, load_universal)
         )
         self.grid = self.engine.grid
+        _release_unowned(model, self.pipe)
         self.measure_bytes = False
         self.last_rank_bytes: dict[str, int] = {}
 

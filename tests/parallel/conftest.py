@@ -13,6 +13,7 @@ TP_CASES = [
     ("mor_kvshare", ()),  # expert-choice, recursive KV sharing
     ("mor_token", ()),  # token-choice, balancing loss
     ("mor_token", ("routing.balancing=loss_free",)),  # token-choice, loss-free balancing (load all-reduce)
+    ("mor", ("parallel.activation_checkpointing=full",)),  # checkpoint regions around megatron layers
 ]
 ZERO_STAGES = [1, 2, 3]
 
@@ -20,6 +21,7 @@ PP2_CASES = [
     ("mor", ("parallel.pipeline=2",)),  # default mapping: recursions 2 | 1
     ("mor_token", ("parallel.pipeline=2",)),
     ("mor_kvshare", ("parallel.pipeline=2", "parallel.stage_recursions=[3,0]")),  # pinned: KV stays on stage 0
+    ("mor", ("parallel.pipeline=2", "parallel.activation_checkpointing=recursion")),
 ]
 PP3_CASES = [
     ("mor", ("parallel.pipeline=3",)),  # embed+first | 3 recursions | last+head
