@@ -58,14 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.set_defaults(func=_export)
 
+    # Each component registers its own subcommands.
     from mor_dist.data_pipeline.cli import add_data_parser
-
-    add_data_parser(sub)
-    from mor_dist.launcher.cli import add_slurm_parsers
-
-    add_slurm_parsers(sub)
     from mor_dist.inference.cli import add_inference_parsers
+    from mor_dist.launcher.cli import add_slurm_parsers
+    from mor_dist.parallel.plan import add_plan_parser
 
+    add_plan_parser(sub)
+    add_data_parser(sub)
+    add_slurm_parsers(sub)
     add_inference_parsers(sub)
     return parser
 

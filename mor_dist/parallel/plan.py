@@ -4,7 +4,7 @@ Parameters are counted on the meta device and assigned to pipeline stages as pip
 (embedding on the first stage and, tied, on the last; the shared block on every stage that runs a
 recursion; router r where recursion r runs); tensor-parallel weights are split by parallel.tensor.
 Bytes per parameter (DeepSpeed with torch AdamW):
-  parameters  2 (bf16) or 4 (fp32)               ZeRO-3: / dp
+  parameters  2 (bf16, also train.dtype=auto) or 4 (fp32)   ZeRO-3: / dp
   gradients   same as parameters                  ZeRO-2/3: / dp
   optimizer   12 (fp32 master + exp_avg + exp_avg_sq; fp32 without ZeRO: 8, no master copy)
               ZeRO-1/2/3: / dp
@@ -139,7 +139,6 @@ def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> i
 
 def estimate(cfg, gpus: int) -> tuple[list[StageMemory], int]:
     """Per-stage memory of one rank, and the data-parallel size, for `gpus` ranks."""
-    from mor_dist.parallel.engine import uses_bf16
     from mor_dist.parallel.parallelize import check_layout
     from mor_dist.parallel.stages import stage_plan
 
@@ -148,7 +147,8 @@ def estimate(cfg, gpus: int) -> tuple[list[StageMemory], int]:
     if gpus % (p.tensor * p.pipeline):
         raise ValueError(f"--gpus {gpus} is not divisible by parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline}")
     dp = gpus // (p.tensor * p.pipeline)
-    elem = 2 if uses_bf16(cfg) else 4
+    # A plan is for GPU ranks: train.dtype=auto means bf16 there, whatever machine plans it.
+    elem = 4 if cfg.train.dtype == "fp32" else 2
     zero = p.zero_stage
     plan = stage_plan(cfg) if p.pipeline > 1 else [cfg.model.recursions]
     out = []
