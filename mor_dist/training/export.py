@@ -22,6 +22,14 @@ def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, di
     if folder is None or not folder.is_dir():
         raise CheckpointError(f"no checkpoint {'latest' if step is None else step} in {mgr.root}")
     meta = mgr.verify(folder)
+    par = meta.get("config", {}).get("parallel", {})
+    if par.get("tensor", 1) > 1 or par.get("pipeline", 1) > 1:
+        # Tensor/pipeline shards need a merge step that is not written yet; say so instead of
+        # producing a partial model.
+        raise CheckpointError(
+            f"{folder} was saved with parallel.tensor={par.get('tensor')} parallel.pipeline={par.get('pipeline')}: "
+            "export handles data-parallel (ZeRO) checkpoints only so far"
+        )
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     # Buffers that carry routing state (warmup counters, loss-free bias) sit beside the parameters.
     module_file = folder / "mp_rank_00_model_states.pt"
