@@ -100,6 +100,11 @@ def validate(cfg) -> None:
             f"parallel.zero_stage={p.zero_stage} cannot combine with parallel.pipeline={p.pipeline}: "
             "ZeRO-2/3 partition gradients per micro-batch, which pipeline schedules break; use zero_stage=1"
         )
+    if p.pipeline > 1 and t.nan_policy == "skip":
+        raise ConfigError(
+            "train.nan_policy=skip cannot combine with parallel.pipeline > 1: the pipeline engine steps the "
+            "optimizer inside its schedule, before the loss can be checked; use train.nan_policy=stop"
+        )
     if m.n_heads % p.tensor or m.n_kv_heads % p.tensor:
         raise ConfigError(
             f"parallel.tensor={p.tensor} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}"

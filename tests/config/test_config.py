@@ -26,6 +26,7 @@ def test_tiny_loads_with_overrides():
         (["kv.strategy=share", "model.sharing=middle_sequence"], "model.sharing"),
         (["parallel.pipeline=2", "parallel.zero_stage=2"], "parallel.zero_stage"),
         (["data.seq_len=4096"], "data.seq_len"),
+        (["parallel.pipeline=2", "train.nan_policy=skip"], "train.nan_policy"),
         (["model.recursions"], "model.recursions"),
     ],
 )

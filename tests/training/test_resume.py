@@ -108,3 +108,35 @@ def test_resume_at_smaller_data_parallel_size(tiny_dataset, tmp_path):
     resumed = tb_scalars(dp1)["train/loss"]
     for s in (4, 5, 6):
         assert abs(resumed[s] - losses[s]) < 1e-5, (s, resumed[s], losses[s])
+
+
+def test_pipeline_and_tensor_parallel_runs_match_one_process(tiny_dataset, tmp_path):
+    """`mor train` drives the parallel train modules: PP=2 (with a resume) and TP=2 give the losses of
+    one process."""
+    base = dict(train__steps=4, train__eval_interval=0, checkpoint__interval=2)
+    single = tmp_path / "single"
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, single, **base)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    want = tb_scalars(single)["train/loss"]
+
+    pp = tmp_path / "pp"
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, pp, parallel__pipeline=2, **base)], torchrun=2,
+                port=29652)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    got = tb_scalars(pp)["train/loss"]
+    assert all(abs(got[s] - want[s]) < 1e-5 for s in want), (got, want)
+
+    pp_resumed = tmp_path / "pp_resumed"
+    _interrupt_after(pp, pp_resumed, 2)
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, pp_resumed, parallel__pipeline=2, **base)],
+                torchrun=2, port=29653)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    again = tb_scalars(pp_resumed)["train/loss"]
+    assert [again[s] for s in (3, 4)] == [got[s] for s in (3, 4)]
+
+    tp = tmp_path / "tp"
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, tp, parallel__tensor=2, **base)], torchrun=2,
+                port=29654)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    got = tb_scalars(tp)["train/loss"]
+    assert all(abs(got[s] - want[s]) < 1e-5 for s in want), (got, want)
