@@ -125,3 +125,19 @@ def rank_bytes(engine) -> dict[str, int]:
     )
     master = 0 if inner is opt else sum(_nbytes(p) for p in stepped)
     return {"params": params, "optimizer": state + master}
+
+
+def save_engine(engine, folder) -> None:
+    """DeepSpeed checkpoint of any engine into `folder` (its name is the DeepSpeed tag)."""
+    # universal_checkpoint_info lets ds_to_universal reshard ZeRO-1/2 saves to another DP size.
+    engine.save_checkpoint(
+        str(folder.parent), tag=folder.name, client_state={"universal_checkpoint_info": {}}, save_latest=False
+    )
+
+
+def load_engine(engine, folder) -> None:
+    path, _ = engine.load_checkpoint(
+        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}")

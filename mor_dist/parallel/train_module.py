@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mor_dist.parallel.engine import MegatronMpu, adamw, deepspeed_config, import_deepspeed, rank_bytes
+from mor_dist.parallel.engine import (
+    MegatronMpu, adamw, deepspeed_config, import_deepspeed, load_engine, rank_bytes, save_engine,
+)
 from mor_dist.parallel.parallelize import parallelize
 
 
@@ -114,17 +116,10 @@ class TrainModule:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: Path) -> None:
-        # universal_checkpoint_info lets ds_to_universal reshard ZeRO-1/2 saves to another DP size.
-        self.engine.save_checkpoint(
-            str(folder.parent), tag=folder.name, client_state={"universal_checkpoint_info": {}}, save_latest=False
-        )
+        save_engine(self.engine, folder)
 
     def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}")
+        load_engine(self.engine, folder)
 
 
 def grad_bytes(engine) -> int:
