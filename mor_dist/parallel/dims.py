@@ -83,3 +83,10 @@ def init_distributed(parallel_cfg, backend: str | None = None) -> ParallelDims:
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return dims
+
+
+def comm_device() -> torch.device:
+    """Where small tensors for collectives must live: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

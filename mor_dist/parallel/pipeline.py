@@ -21,6 +21,7 @@ import torch.distributed as dist
 from mor_dist.parallel.engine import (
     adamw, deepspeed_config, import_deepspeed, load_engine, rank_bytes, save_engine,
 )
+from mor_dist.parallel.dims import comm_device
 from mor_dist.parallel.parallelize import check_layout, parallelize
 from mor_dist.parallel.stages import FirstStage, LastStage, Recursions, TiedWeights, aux_names, stage_plan
 
@@ -194,14 +195,15 @@ class PipelineTrainModule:
         self.engine.eval_batch(iter([(tokens, targets)]), num_micro_batches=1, reduce_output=None, bcast_loss=False)
         self.engine.train()
         b, t = tokens.shape
-        loss, depth = torch.zeros(1), torch.zeros(b, t, dtype=torch.long)
+        dev = comm_device()
+        loss, depth = torch.zeros(1, device=dev), torch.zeros(b, t, dtype=torch.long, device=dev)
         if self.eval_out is not None and self.engine.is_last_stage():
-            loss, depth = self.eval_out[0].reshape(1).float(), self.eval_out[1].long()
+            loss, depth = self.eval_out[0].reshape(1).float().to(dev), self.eval_out[1].long().to(dev)
         src = self.grid.stage_to_global(stage_id=self.dims.pp - 1)
         group = self.grid.get_pipe_parallel_group()
         dist.broadcast(loss, src=src, group=group)
         dist.broadcast(depth, src=src, group=group)
-        return loss.item(), depth
+        return loss.item(), depth.cpu()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: Path) -> None:

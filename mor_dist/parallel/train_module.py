@@ -23,6 +23,7 @@ import torch.distributed as dist
 from mor_dist.parallel.engine import (
     MegatronMpu, adamw, deepspeed_config, import_deepspeed, load_engine, rank_bytes, save_engine,
 )
+from mor_dist.parallel.dims import comm_device
 from mor_dist.parallel.parallelize import parallelize
 
 
@@ -63,7 +64,7 @@ class TrainModule:
         device = self.engine.device
         for tokens, targets in micro_batches:
             out = self.engine(tokens.to(device), targets.to(device))
-            finite = torch.tensor([1.0 if torch.isfinite(out.loss).item() else 0.0])
+            finite = torch.tensor([1.0 if torch.isfinite(out.loss).item() else 0.0], device=comm_device())
             if dist.get_world_size() > 1:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             bad = bad or finite.item() == 0.0
@@ -101,7 +102,7 @@ class TrainModule:
         if self.dims.dp == 1 or not metrics:
             return metrics
         keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=comm_device())
         dist.all_reduce(t, group=self.dp_group)
         return {k: v / self.dims.dp for k, v in zip(keys, t.tolist())}
 

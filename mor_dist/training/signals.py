@@ -8,6 +8,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from mor_dist.parallel.dims import comm_device
+
 # sysexits' EX_TEMPFAIL: "try again later". The SLURM batch script requeues on this code.
 EXIT_PREEMPTED = 75
 
@@ -22,7 +24,7 @@ class PreemptionFlag:
 
     def agreed(self) -> bool:
         """True on every rank when any rank got a signal (a collective: call it on all ranks)."""
-        flag = torch.tensor([1 if self.received is not None else 0])
+        flag = torch.tensor([1 if self.received is not None else 0], device=comm_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

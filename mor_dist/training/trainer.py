@@ -19,6 +19,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from mor_dist.model.accounting import train_flops_per_token
+from mor_dist.parallel.dims import comm_device
 from mor_dist.training.checkpoint import CheckpointManager
 from mor_dist.training.schedule import lr_multiplier
 from mor_dist.training.signals import EXIT_PREEMPTED, PreemptionFlag
@@ -192,7 +193,7 @@ class Trainer:
             if sample is None:
                 sample = (inputs[0], depth[0])
         self.val_loader.load_state_dict(self.val_loader.state_dict() | {"position": 0})
-        stats = torch.tensor([total, count], dtype=torch.float64)
+        stats = torch.tensor([total, count], dtype=torch.float64, device=comm_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
         if stats[1] == 0:
