@@ -67,9 +67,10 @@ def test_head_layouts(hq, hkv, d, device, varlen_case, active_positions, toleran
     check(case, tolerances)
 
 
-def test_head_dim_64(device, varlen_case, active_positions, tolerances):
+@pytest.mark.parametrize("d", [64, 128])  # the model's head dims
+def test_model_head_dims(d, device, varlen_case, active_positions, tolerances):
     q = active_positions([9, 20], 24, seed=4)
-    check(varlen_case(q, q, hq=2, hkv=1, d=64, device=device), tolerances)
+    check(varlen_case(q, q, hq=2, hkv=1, d=d, device=device), tolerances)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
