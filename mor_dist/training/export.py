@@ -14,7 +14,8 @@ log = logging.getLogger("mor.export")
 
 
 def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, dict, Path]:
-    """fp32 model state of a checkpoint (any ZeRO stage), its meta.json, and its folder."""
+    """fp32 model state of a checkpoint (any ZeRO stage; tensor/pipeline shards merged by
+    merge_shards.py), its meta.json, and its folder."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     mgr = CheckpointManager(run_dir, keep_last=1)
@@ -23,13 +24,17 @@ def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, di
         raise CheckpointError(f"no checkpoint {'latest' if step is None else step} in {mgr.root}")
     meta = mgr.verify(folder)
     par = meta.get("config", {}).get("parallel", {})
-    if par.get("tensor", 1) > 1 or par.get("pipeline", 1) > 1:
-        # Tensor/pipeline shards need a merge step that is not written yet; say so instead of
-        # producing a partial model.
-        raise CheckpointError(
-            f"{folder} was saved with parallel.tensor={par.get('tensor')} parallel.pipeline={par.get('pipeline')}: "
-            "export handles data-parallel (ZeRO) checkpoints only so far"
-        )
+    tp, pp = par.get("tensor", 1), par.get("pipeline", 1)
+    if tp > 1 or pp > 1:
+        if par.get("zero_stage", 0) >= 3:
+            # ZeRO-3 scatters each TP shard over the DP ranks too; that double merge is not written.
+            raise CheckpointError(
+                f"{folder} was saved with parallel.zero_stage=3 and parallel.tensor={tp}: export merges "
+                "tensor/pipeline shards of ZeRO stage 0-2 checkpoints only"
+            )
+        from mor_dist.training.merge_shards import merge_parallel
+
+        return merge_parallel(folder, tp, pp), meta, folder
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     # Buffers that carry routing state (warmup counters, loss-free bias) sit beside the parameters.
     module_file = folder / "mp_rank_00_model_states.pt"
@@ -57,6 +62,9 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     if missing or extra:
         raise CheckpointError(f"{folder} does not match the model of {run_dir / 'config.yaml'}: "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+    shapes = [k for k, v in model.state_dict().items() if tuple(state[k].shape) != tuple(v.shape)]
+    if shapes:
+        raise CheckpointError(f"{folder}: shapes differ from the model of {run_dir / 'config.yaml'} for {shapes[:5]}")
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(out_dir / "model.safetensors"),
