@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sysconfig
+import os
 from pathlib import Path
 
 import pytest
@@ -16,14 +16,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+def use_shared_text() -> bool:
+    """../shared's tinyshakespeare is there (MOR_TEST_NO_SHARED=1 pretends it is not, to run the
+    suite as on a user's fresh clone)."""
+    return SHARED_TEXT.is_file() and not os.environ.get("MOR_TEST_NO_SHARED")
+
+
 def real_text_bytes(limit: int = 400_000) -> bytes:
-    """Real text: ../shared's tinyshakespeare where present, else the Python standard library's own
-    source (there offline on every machine that runs these tests)."""
-    if SHARED_TEXT.is_file():
+    """Real text: tinyshakespeare where ../shared has it, else the default corpus (this Python's
+    standard-library sources, there offline on every machine that runs these tests)."""
+    if use_shared_text():
         return SHARED_TEXT.read_bytes()[:limit]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    from mor_dist.data_pipeline.corpus import default_corpus_files
+
     out = bytearray()
-    for path in sorted(stdlib.glob("*.py")):
+    for path in default_corpus_files():
         out += path.read_bytes()
         if len(out) >= limit:
             break

@@ -3,7 +3,6 @@ a small prepared dataset shared by the loader tests."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -11,9 +10,8 @@ import pytest
 
 from mor_dist.data_pipeline.corpus import default_corpus_files
 from mor_dist.data_pipeline.prepare import prepare_dataset
+from tests.conftest import SHARED_TEXT, use_shared_text
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # Small enough for a fast test suite, big enough for several shards and a val split.
 SEQ_LEN = 32
@@ -25,7 +23,7 @@ VAL_FRACTION = 0.02
 def real_text_files(tmp_dir: Path, max_bytes: int) -> list[Path]:
     """About max_bytes of real text: a cut of tinyshakespeare split into three files when ../shared
     has it (MOR_TEST_NO_SHARED=1 pretends it does not), else whole standard-library sources."""
-    if SHARED_TEXT.is_file() and not os.environ.get("MOR_TEST_NO_SHARED"):
+    if use_shared_text():
         text = SHARED_TEXT.read_text(encoding="utf-8")[:max_bytes]
         tmp_dir.mkdir(parents=True, exist_ok=True)
         parts = [text[i * len(text) // 3 : (i + 1) * len(text) // 3] for i in range(3)]

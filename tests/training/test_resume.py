@@ -113,30 +113,22 @@ def test_resume_at_smaller_data_parallel_size(tiny_dataset, tmp_path):
 def test_pipeline_and_tensor_parallel_runs_match_one_process(tiny_dataset, tmp_path):
     """`mor train` drives the parallel train modules: PP=2 (with a resume) and TP=2 give the losses of
     one process."""
-    base = dict(train__steps=4, train__eval_interval=0, checkpoint__interval=2)
-    single = tmp_path / "single"
-    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, single, **base)])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    want = tb_scalars(single)["train/loss"]
 
-    pp = tmp_path / "pp"
-    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, pp, parallel__pipeline=2, **base)], torchrun=2,
-                port=29652)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    got = tb_scalars(pp)["train/loss"]
+    def losses(run_dir, ranks=0, port=29652, **parallel):
+        args = tiny_overrides(tiny_dataset, run_dir, train__steps=4, train__eval_interval=0,
+                              checkpoint__interval=2, **parallel)
+        r = run_mor(["train", CONFIG, *args], torchrun=ranks, port=port)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return tb_scalars(run_dir)["train/loss"], r.stdout
+
+    want, _ = losses(tmp_path / "single")
+    got, _ = losses(tmp_path / "pp", 2, 29652, parallel__pipeline=2)
     assert all(abs(got[s] - want[s]) < 1e-5 for s in want), (got, want)
 
-    pp_resumed = tmp_path / "pp_resumed"
-    _interrupt_after(pp, pp_resumed, 2)
-    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, pp_resumed, parallel__pipeline=2, **base)],
-                torchrun=2, port=29653)
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
-    again = tb_scalars(pp_resumed)["train/loss"]
+    _interrupt_after(tmp_path / "pp", tmp_path / "pp_resumed", 2)
+    again, out = losses(tmp_path / "pp_resumed", 2, 29653, parallel__pipeline=2)
+    assert "resumed from" in out
     assert [again[s] for s in (3, 4)] == [got[s] for s in (3, 4)]
 
-    tp = tmp_path / "tp"
-    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, tp, parallel__tensor=2, **base)], torchrun=2,
-                port=29654)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    got = tb_scalars(tp)["train/loss"]
-    assert all(abs(got[s] - want[s]) < 1e-5 for s in want), (got, want)
+    tp, _ = losses(tmp_path / "tp", 2, 29654, parallel__tensor=2)
+    assert all(abs(tp[s] - want[s]) < 1e-5 for s in want), (tp, want)
