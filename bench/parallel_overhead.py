@@ -1,9 +1,12 @@
-"""Throughput of DP=1 vs TP=2 vs PP=2 on this machine, and per-rank parameter and optimizer bytes.
+"""Throughput of DP=1 vs TP=2 vs TP=2 with sequence parallelism vs PP=2 on this machine, per-rank
+parameter and optimizer bytes, and the activation bytes one micro-batch saves for backward per rank.
 
     python bench/parallel_overhead.py [--config configs/tiny/mor.yaml] [--steps 5] [override ...]
 
 Each layout runs in its own local gloo world (one thread per rank) with the same global batch;
 tokens/s counts the global batch's tokens per optimizer step, timed after warm-up steps.
+Activation bytes are measured with mor_dist.parallel.activation_bytes on one micro-batch (not
+for PP, whose stages run their part of the model inside DeepSpeed's schedule).
 """
 
 from __future__ import annotations
@@ -11,7 +14,12 @@ from __future__ import annotations
 import argparse
 import time
 
-LAYOUTS = [("DP=1", 1, []), ("TP=2", 2, ["parallel.tensor=2"]), ("PP=2", 2, ["parallel.pipeline=2"])]
+LAYOUTS = [
+    ("DP=1", 1, []),
+    ("TP=2", 2, ["parallel.tensor=2"]),
+    ("TP=2+SP", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    ("PP=2", 2, ["parallel.pipeline=2"]),
+]
 
 
 def _rank(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -20,13 +28,15 @@ def _rank(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
 
     from mor_dist.config import load_config
     from mor_dist.model import build_model
+    from mor_dist.parallel.activation_bytes import SavedActivationBytes
     from mor_dist.parallel.dims import init_distributed
     from mor_dist.parallel.train_module import build_train_module
 
     cfg = load_config(config, overrides)
     dims = init_distributed(cfg.parallel)
     torch.manual_seed(cfg.train.seed)
-    module = build_train_module(build_model(cfg), cfg, dims)
+    model = build_model(cfg)
+    module = build_train_module(model, cfg, dims)
     module.measure_bytes = True
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
@@ -47,7 +57,14 @@ def _rank(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
         module.train_step(micro(), cfg.optim.lr)
     dist.barrier()
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": steps * t.global_batch_size * cfg.data.seq_len / seconds, **module.last_rank_bytes}
+    activations = None
+    if dims.pp == 1:
+        tokens, targets = micro()[0]
+        with SavedActivationBytes(model) as saved:
+            model(tokens, targets)
+        activations = saved.bytes
+    return {"tokens_per_s": steps * t.global_batch_size * cfg.data.seq_len / seconds, "activations": activations,
+            **module.last_rank_bytes}
 
 
 def main() -> None:
@@ -60,12 +77,18 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", default=["data.seq_len=128", "train.global_batch_size=16", "train.micro_batch_size=4"])
     args = parser.parse_args()
     print(f"{args.config} {' '.join(args.overrides)}; {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"{'layout':<6} {'ranks':>5} {'tokens/s':>10} {'params/rank (bytes)':>22} {'optimizer/rank (bytes)':>24}")
+    print(f"{'layout':<8} {'ranks':>5} {'tokens/s':>10} {'vs DP=1':>8} {'params/rank (bytes)':>22} "
+          f"{'optimizer/rank (bytes)':>24} {'activations/rank':>17}")
+    base = None
     for name, world, extra in LAYOUTS:
         ranks = run_world(_rank, world, args.config, args.overrides + extra, args.steps, args.warmup)
         params = " / ".join(f"{r['params']:,}" for r in ranks)
         optim = " / ".join(f"{r['optimizer']:,}" for r in ranks)
-        print(f"{name:<6} {world:>5} {ranks[0]['tokens_per_s']:>10.0f} {params:>22} {optim:>24}")
+        act = ranks[0]["activations"]
+        speed = ranks[0]["tokens_per_s"]
+        base = base or speed
+        print(f"{name:<8} {world:>5} {speed:>10.0f} {speed / base:>7.2f}x {params:>22} {optim:>24} "
+              f"{(f'{act:,}' if act is not None else '-'):>17}")
 
 
 if __name__ == "__main__":

@@ -108,9 +108,7 @@ class MoRModel(nn.Module):
         b, t = tokens.shape
         pos = torch.arange(t, device=tokens.device).expand(b, t)
         h = self.embed(tokens)
-        frame = TokenFrame(pos)
-        for layer in self.prefix:
-            h = layer(h, frame)
+        h = self.run_layers(self.prefix, h, TokenFrame(pos))
         state = RecursionState(h=h, pos=pos, mode=mode, depth=torch.zeros_like(tokens))
         if self.token_router is not None:
             self._assign_depths(state)
@@ -129,10 +127,7 @@ class MoRModel(nn.Module):
         return state
 
     def finish(self, state: RecursionState, targets: torch.Tensor | None = None) -> MoROutput:
-        h, frame = state.h, TokenFrame(state.pos)
-        for layer in self.suffix:
-            h = layer(h, frame)
-        h = self.norm(h)
+        h = self.norm(self.run_layers(self.suffix, state.h, TokenFrame(state.pos)))
         logits = self.output_logits(h)
         lm_loss = loss = None
         if targets is not None:
@@ -163,8 +158,14 @@ class MoRModel(nn.Module):
 
     def _run_block(self, r: int, x: torch.Tensor, frame: TokenFrame) -> torch.Tensor:
         """f: the shared layers of step r, each keyed by its slot j for KV sharing."""
-        for j, li in enumerate(self.layout.schedule[r]):
-            x = self.shared[li](x, frame, j)
+        schedule = self.layout.schedule[r]
+        return self.run_layers([self.shared[li] for li in schedule], x, frame, range(len(schedule)))
+
+    def run_layers(self, layers, x: torch.Tensor, frame: TokenFrame, keys=None) -> torch.Tensor:
+        """A span of layers over one token frame: the unique first layers, one recursion of the
+        shared block, the unique last layers. Sequence parallelism replaces it on the instance."""
+        for i, layer in enumerate(layers):
+            x = layer(x, frame, None if keys is None else keys[i])
         return x
 
     # ------------------------------------------------------------------ expert-choice

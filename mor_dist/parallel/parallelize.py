@@ -1,5 +1,6 @@
 """parallelize(model, cfg, dims): apply the layout's parallelism to a finished MoRModel, in order:
-tensor parallelism (megatron-core), then activation checkpointing. Data parallelism and ZeRO come
+tensor parallelism (megatron-core, with sequence parallelism as an option: sequence_parallel.py),
+then activation checkpointing. Data parallelism and ZeRO come
 with the DeepSpeed engine (train_module.py); pipeline stages with pipeline.py.
 
 check_layout(cfg) rejects layouts this package cannot run; it needs no process group, so launchers
@@ -18,11 +19,10 @@ def check_layout(cfg) -> None:
             f"parallel.zero_stage={p.zero_stage} cannot combine with parallel.pipeline={p.pipeline}: "
             "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
         )
-    if p.sequence_parallel and p.tensor > 1:
+    if p.sequence_parallel and p.tensor == 1:
         raise ParallelLayoutError(
-            "parallel.sequence_parallel=true is not supported: MoR routing (expert-choice top-k over the "
-            "sequence, token gathering for the shared block) needs every token of a sequence on each "
-            "tensor-parallel rank; set parallel.sequence_parallel=false"
+            "parallel.sequence_parallel=true needs parallel.tensor > 1: it shards activations over the "
+            "tensor-parallel group"
         )
     if m.vocab_size % p.tensor:
         raise ParallelLayoutError(f"model.vocab_size={m.vocab_size} must be divisible by parallel.tensor={p.tensor}")
@@ -38,7 +38,7 @@ def parallelize(model, cfg, dims) -> None:
         from mor_dist.parallel.tensor_parallel import apply_tensor_parallel, init_megatron
 
         init_megatron(dims.tp, dims.pp)
-        apply_tensor_parallel(model, dims.tp, dims.tp_rank)
+        apply_tensor_parallel(model, dims.tp, dims.tp_rank, cfg.parallel.sequence_parallel)
     if cfg.parallel.activation_checkpointing != "none":
         from mor_dist.parallel.activation_checkpoint import apply_activation_checkpointing
 

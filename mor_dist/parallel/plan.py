@@ -87,54 +87,78 @@ def stage_params(cfg) -> list[int]:
     return counts
 
 
+def layer_activation_elems(m, tp: int, sp: bool, own_kv: bool = True) -> float:
+    """Elements one token of one Llama layer saves for backward (as activation_bytes.py measures).
+
+    Per norm its input and normalised value (2d) and its output, the input of the projections (d);
+    Q (and K) before and after RoPE, V, the attention output and the output projection's input
+    (3q + 2kv), the RoPE tables gathered at the token's position (hd per rotated tensor), the
+    attention's log-sum-exp (one per head); SwiGLU's gate, up, activation and product (4 ff).
+    Tensor parallelism splits the heads and the MLP; sequence parallelism also the norms, whose
+    all-gathered outputs stay whole.
+    """
+    hd = m.head_dim or m.d_model // m.n_heads
+    q, kv, d, h = m.n_heads * hd, m.n_kv_heads * hd, m.d_model, m.n_heads
+    split = 3 * q + h + 4 * m.d_ff + (2 * kv if own_kv else 0)
+    rope = 2 * hd if own_kv else hd
+    norms = 2 * (2 * d + 1)
+    if sp:
+        return norms / tp + 2 * d + split / tp + rope
+    return norms + 2 * d + split / tp + rope
+
+
 def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> int:
     from mor_dist.model.accounting import step_token_fractions
-
-    m, p = cfg.model, cfg.parallel
-    tp, pp = p.tensor, p.pipeline
-    b, t = cfg.train.micro_batch_size, cfg.data.seq_len
-    hd = m.head_dim or m.d_model // m.n_heads
-    q, kv, d, ff = m.n_heads * hd, m.n_kv_heads * hd, m.d_model, m.d_ff
-    # Saved per token and layer: residual/norm inputs and outputs (replicated under TP) and the
-    # attention and SwiGLU internals (split by TP).
-    per_token_layer = 6 * d + (3 * q + 4 * kv + 4 * ff) // tp
-    ckpt = p.activation_checkpointing
     from mor_dist.model.layout import make_layout
 
+    m, p, rt = cfg.model, cfg.parallel, cfg.routing
+    tp, pp = p.tensor, p.pipeline
+    sp = p.sequence_parallel and tp > 1
+    b, t = cfg.train.micro_batch_size, cfg.data.seq_len
+    d = m.d_model
+    per_layer = layer_activation_elems(m, tp, sp)
+    ckpt = p.activation_checkpointing
     lay = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers)
     fracs = step_token_fractions(cfg)
     start = sum(plan[:stage])
-    rec = range(start, start + plan[stage])
     tokens = b * t
     units = 0.0  # elements saved for backward for one micro-batch on this stage
     regions = [0.0]  # a checkpointed region's activations, recomputed one at a time in backward
+    extra = 0.0  # bytes kept in fp32 whatever the training dtype (the loss's log-softmax)
     if stage == 0:
-        unique = lay.prefix * per_token_layer * tokens
-        units += tokens * d  # embedding output
         if ckpt == "full":
             units += lay.prefix * tokens * d
-            regions.append(per_token_layer * tokens)
+            regions.append(per_layer * tokens)
         else:
-            units += unique
-    for r in rec:
+            units += lay.prefix * per_layer * tokens
+        if rt.type == "token":  # the depth router's input and probabilities
+            units += tokens * (d + 2 * lay.recursions)
+    prev = 1.0
+    for r in range(start, start + plan[stage]):
         k = fracs[r] * tokens
-        block = lay.block * per_token_layer * k
-        units += 3 * k * d + tokens  # gather, gated update, scatter; router logits
+        shared_kv = cfg.kv.strategy != "share" or r == 0
+        block = k * (per_layer if shared_kv else layer_activation_elems(m, tp, sp, own_kv=False)) * lay.block
+        if rt.type == "expert":
+            units += prev * tokens * d + k * d + 3 * k  # router input; gated update's output and gate
+        elif rt.type == "token":
+            units += 2 * tokens if r == lay.recursions - 1 else 0  # final gate * run
+            units += tokens * d if r == lay.recursions - 1 else 0
+        prev = fracs[r]
         if ckpt in ("recursion", "full"):
             units += k * d
             regions.append(block)
         else:
             units += block
     if stage == pp - 1:
-        unique = lay.suffix * per_token_layer * tokens
         if ckpt == "full":
             units += lay.suffix * tokens * d
-            regions.append(per_token_layer * tokens)
+            regions.append(per_layer * tokens)
         else:
-            units += unique
-        units += 2 * tokens * d + 2 * tokens * m.vocab_size / tp  # final norm; logits and softmax (fp32)
+            units += lay.suffix * per_layer * tokens
+        units += tokens * (3 * d + 1)  # final norm, the head's input
+        extra += tokens * 4 * m.vocab_size / tp  # log-softmax of this rank's vocabulary, fp32
     in_flight = min(pp - stage, max(1, cfg.train.global_batch_size // (b * dp))) if pp > 1 else 1
-    return int((units * in_flight + max(regions)) * elem)
+    return int((units * elem + extra) * in_flight + max(regions) * elem)
 
 
 def estimate(cfg, gpus: int) -> tuple[list[StageMemory], int]:
@@ -150,7 +174,13 @@ def estimate(cfg, gpus: int) -> tuple[list[StageMemory], int]:
     # A plan is for GPU ranks: train.dtype=auto means bf16 there, whatever machine plans it.
     elem = 4 if cfg.train.dtype == "fp32" else 2
     zero = p.zero_stage
-    plan = stage_plan(cfg) if p.pipeline > 1 else [cfg.model.recursions]
+    if p.pipeline > 1:
+        plan = stage_plan(cfg)
+    else:
+        from mor_dist.model.layout import make_layout
+
+        m = cfg.model
+        plan = [make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers).recursions]
     out = []
     for s, n in enumerate(stage_params(cfg)):
         params = n * elem // (dp if zero >= 3 else 1)

@@ -14,6 +14,11 @@ TP_CASES = [
     ("mor_token", ()),  # token-choice, balancing loss
     ("mor_token", ("routing.balancing=loss_free",)),  # token-choice, loss-free balancing (load all-reduce)
     ("mor", ("parallel.activation_checkpointing=full",)),  # checkpoint regions around megatron layers
+    # Sequence parallelism: spans of layers sharded over the tokens (odd capacities exercise the padding).
+    ("mor", ("parallel.sequence_parallel=true",)),
+    ("mor_kvshare", ("parallel.sequence_parallel=true",)),
+    ("mor_token", ("parallel.sequence_parallel=true",)),
+    ("mor", ("parallel.sequence_parallel=true", "parallel.activation_checkpointing=recursion")),
 ]
 ZERO_STAGES = [1, 2, 3]
 
@@ -31,6 +36,7 @@ PP3_CASES = [
 WORLD4_CASES = [
     ("mor", ("parallel.pipeline=2", "parallel.tensor=2")),
     ("mor", ("parallel.tensor=2",)),  # TP2 x DP2
+    ("mor", ("parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true")),
 ]
 
 CKPT_CASES = [("parallel.zero_stage=2",), ("parallel.pipeline=2",), ("parallel.tensor=2",)]

@@ -10,7 +10,7 @@ from tests.parallel.conftest import WORLD4_CASES
 
 @pytest.mark.parametrize("case", WORLD4_CASES, ids=lambda c: "-".join(c[1]))
 def test_four_ranks_match_one(world4, case):
-    ref = reference_losses(config(case[0]))
+    ref = reference_losses(config(case[0]))  # sequence parallelism changes no number either
     got = [r["pp_cases"][case] for r in world4]
     for r in got:
         assert r["losses"] == pytest.approx(ref, abs=1e-5)

@@ -46,6 +46,30 @@ def test_plan_matches_pp2_run(world2, case):
         _close(est[got["stage"]].optimizer_bytes, got["bytes"]["optimizer"])
 
 
+@pytest.mark.parametrize("name", ["vanilla", "recursive", "mor", "mor_kvshare"])
+def test_plan_activations_match_one_process(name):
+    """Activation estimate against the bytes autograd saves in a real forward (one process).
+    Token-choice is left out: its depths are learned, the plan assumes balanced ones."""
+    from mor_dist.parallel.activation_bytes import SavedActivationBytes
+    from tests.parallel.common import model_for, step_batches
+
+    cfg = config(name)
+    model = model_for(cfg).train()
+    tokens, targets = step_batches(cfg, 0)[0]
+    with SavedActivationBytes(model) as saved:
+        model(tokens, targets)
+    est, _ = estimate(cfg, gpus=1)
+    _close(est[0].activation_bytes, saved.bytes)
+
+
+@pytest.mark.parametrize("case", [c for c in TP_CASES if c[0] != "mor_token" and not any("checkpointing" in o for o in c[1])],
+                         ids=lambda c: "-".join((c[0], *c[1])))
+def test_plan_activations_match_tp2_runs(world2, case):
+    est, _ = estimate(config(case[0], ["parallel.tensor=2", *case[1]]), gpus=2)
+    for r in world2:
+        _close(est[0].activation_bytes, r["tp_cases"][case]["activation_bytes"])
+
+
 def test_plan_cli_fits_and_does_not(capsys):
     assert parse_bytes("80GiB") == 80 * 1024**3 and parse_bytes("40GB") == 40 * 10**9
     assert main(["plan", "configs/paper/1.7b/mor_nr3.yaml", "parallel.tensor=2", "--gpus", "8", "--gpu-mem", "80GiB"]) == 0

@@ -34,7 +34,9 @@ def _gather_tp_grads(model, dims, prefix="shared."):
 
 
 def tp_cases(cases):
-    """TP=2 (world 2): per case, initial shared-block gradients (gathered), depths, 5-step losses."""
+    """TP=2 (world 2): per case, initial shared-block gradients (gathered), depths, activation bytes
+    saved for backward, 5-step losses."""
+    from mor_dist.parallel.activation_bytes import SavedActivationBytes
     from mor_dist.parallel.train_module import build_train_module
 
     results = {}
@@ -45,13 +47,15 @@ def tp_cases(cases):
         module = build_train_module(model, cfg, dims)
         module.measure_bytes = True
         tokens, targets = step_batches(cfg, 0)[0]
-        out = model(tokens, targets)
+        with SavedActivationBytes(model) as saved:
+            out = model(tokens, targets)
         out.loss.backward()
         grads = _gather_tp_grads(model, dims)
         model.zero_grad(set_to_none=True)
         losses = train_losses(module, cfg, dims)
         results[(name, overrides)] = {
-            "grads": grads, "depth": out.depth, "losses": losses, "bytes": dict(module.last_rank_bytes)
+            "grads": grads, "depth": out.depth, "losses": losses, "bytes": dict(module.last_rank_bytes),
+            "activation_bytes": saved.bytes,
         }
     return results
 
