@@ -111,8 +111,8 @@ def test_resume_at_smaller_data_parallel_size(tiny_dataset, tmp_path):
 
 
 def test_pipeline_and_tensor_parallel_runs_match_one_process(tiny_dataset, tmp_path):
-    """`mor train` drives the parallel train modules: PP=2 (with a resume) and TP=2 give the losses of
-    one process."""
+    """`mor train` drives the parallel train modules: PP=2 (with a resume), TP=2 and TP=2 with sequence
+    parallelism give the losses of one process."""
 
     def losses(run_dir, ranks=0, port=29652, **parallel):
         args = tiny_overrides(tiny_dataset, run_dir, train__steps=4, train__eval_interval=0,
@@ -132,3 +132,5 @@ def test_pipeline_and_tensor_parallel_runs_match_one_process(tiny_dataset, tmp_p
 
     tp, _ = losses(tmp_path / "tp", 2, 29654, parallel__tensor=2)
     assert all(abs(tp[s] - want[s]) < 1e-5 for s in want), (tp, want)
+    sp, _ = losses(tmp_path / "sp", 2, 29655, parallel__tensor=2, parallel__sequence_parallel="true")
+    assert all(abs(sp[s] - want[s]) < 1e-5 for s in want), (sp, want)
