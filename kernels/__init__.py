@@ -5,9 +5,10 @@ here, so importing this package neither needs a GPU nor fixes Triton's interpret
 """
 
 from .reference import routed_attention_reference, routed_attention_varlen_reference
-from .routed_attention import routed_attention, routed_attention_varlen
+from .routed_attention import attention_backend, routed_attention, routed_attention_varlen
 
 __all__ = [
+    "attention_backend",
     "routed_attention",
     "routed_attention_reference",
     "routed_attention_varlen",

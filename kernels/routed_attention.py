@@ -3,7 +3,8 @@ torch reference.
 
 backend="auto" runs Triton for CUDA tensors (when triton is installed) and the reference otherwise;
 "triton" forces the kernels, which on CPU tensors needs TRITON_INTERPRET=1 (the tests' route);
-"torch" forces the reference.
+"torch" forces the reference. backend=None (what the model passes) takes the process-wide choice,
+"auto" unless changed with `with attention_backend(...)`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,23 @@ from .segments import Segments
 from .triton_env import interpreting, triton_available
 
 _BACKENDS = ("auto", "triton", "torch")
+_current = ["auto"]
 
 
-def _use_triton(q: torch.Tensor, backend: str) -> bool:
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """Run every routed attention call that names no backend (the model's) on `name` for a while."""
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    before, _current[0] = _current[0], name
+    try:
+        yield
+    finally:
+        _current[0] = before
+
+
+def _use_triton(q: torch.Tensor, backend: str | None) -> bool:
+    backend = _current[0] if backend is None else backend
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -83,7 +98,7 @@ def routed_attention_varlen(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     scale: float | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Causal-by-position grouped-query attention over packed ragged sequences.
 
@@ -126,7 +141,7 @@ def routed_attention(
     k_valid: torch.Tensor | None = None,
     same_tokens: bool = False,
     q_valid: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Padded-layout routed attention with routed_attention_reference's arguments and semantics.
 
