@@ -8,11 +8,13 @@ Bytes per parameter (DeepSpeed with torch AdamW):
   gradients   same as parameters                  ZeRO-2/3: / dp
   optimizer   12 (fp32 master + exp_avg + exp_avg_sq; fp32 without ZeRO: 8, no master copy)
               ZeRO-1/2/3: / dp
-Activations: bytes saved for backward per micro-batch, from a per-token count of a Llama layer
-(residual, norms, Q/K/V, attention output, SwiGLU), with each recursion's tokens at its capacity
-and the logits and loss at full vocabulary (split by TP); activation checkpointing keeps only the
-region inputs plus one recomputed region. Under 1F1B stage s holds up to (pipeline - s) micro-batches.
-The tests check parameters, gradients and optimizer state against the bytes measured in real runs.
+Activations: bytes saved for backward per micro-batch, from a per-token count of what a Llama
+layer's ops save (layer_activation_elems; split by TP, and by SP outside attention and the MLP),
+with each recursion's tokens at its capacity, the routers, the head's input and the fp32
+log-softmax (split by TP); activation checkpointing keeps only the region inputs plus one recomputed
+region. Under 1F1B stage s holds up to (pipeline - s) micro-batches.
+The tests check parameters, gradients, optimizer state and (without checkpointing) activations
+against the bytes measured in real runs.
 """
 
 from __future__ import annotations
@@ -203,7 +205,8 @@ def run_plan(args) -> int:
     budget = parse_bytes(args.gpu_mem)
     stages, dp = estimate(cfg, args.gpus)
     p = cfg.parallel
-    print(f"layout: {args.gpus} GPUs = tensor {p.tensor} x data {dp} x pipeline {p.pipeline}, ZeRO-{p.zero_stage}, "
+    sp = " (sequence parallel)" if p.sequence_parallel else ""
+    print(f"layout: {args.gpus} GPUs = tensor {p.tensor}{sp} x data {dp} x pipeline {p.pipeline}, ZeRO-{p.zero_stage}, "
           f"activation checkpointing {p.activation_checkpointing}, micro-batch {cfg.train.micro_batch_size} x "
           f"{cfg.data.seq_len} tokens")
     print(f"{'stage':>5} {'params/rank':>12} {'parameters':>12} {'gradients':>12} {'optimizer':>12} "
