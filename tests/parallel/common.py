@@ -70,6 +70,15 @@ def reference_grads(cfg, prefix: str = "shared.") -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith(prefix)}
 
 
+def reference_eval(cfg) -> tuple[float, torch.Tensor]:
+    """Causal-mode (inference routing) loss and depths of the first micro-batch at initialization."""
+    model = model_for(cfg).eval()
+    tokens, targets = step_batches(cfg, 0)[0]
+    with torch.no_grad():
+        out = model(tokens, targets, mode="causal")
+    return out.lm_loss.item(), out.depth
+
+
 def train_losses(module, cfg, dims, steps: int = STEPS) -> list[float]:
     """Run the train module for `steps` steps (inside a rank); the mean loss of each step."""
     losses = []

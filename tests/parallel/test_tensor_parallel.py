@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.common import config, reference_grads, reference_losses
+from tests.parallel.common import config, reference_eval, reference_grads, reference_losses
 from tests.parallel.conftest import TP_CASES
 
 
@@ -21,6 +21,13 @@ def test_tp2_equals_tp1(world2, case):
 
     # Routers replicated: every TP rank routed every token to the same depth.
     assert torch.equal(ranks[0]["depth"], ranks[1]["depth"])
+
+    # Inference routing (causal decisions, padded gathers): same loss and depths as one process.
+    want_loss, want_depth = reference_eval(cfg)
+    for r in ranks:
+        assert r["eval"][0] == pytest.approx(want_loss, abs=1e-5)
+        assert torch.equal(r["eval"][1], want_depth)
+    assert 0 < int(want_depth.sum()) < want_depth.numel() * cfg.model.recursions, "causal routing kept all or none"
 
     # Shared-block gradients, gathered over the TP group, equal the single-process ones.
     want = reference_grads(cfg)

@@ -52,10 +52,11 @@ def tp_cases(cases):
         out.loss.backward()
         grads = _gather_tp_grads(model, dims)
         model.zero_grad(set_to_none=True)
+        ev = module.eval_step(tokens, targets)  # causal routing: padded gathers
         losses = train_losses(module, cfg, dims)
         results[(name, overrides)] = {
             "grads": grads, "depth": out.depth, "losses": losses, "bytes": dict(module.last_rank_bytes),
-            "activation_bytes": saved.bytes,
+            "activation_bytes": saved.bytes, "eval": ev,
         }
     return results
 
