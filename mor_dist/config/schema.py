@@ -116,6 +116,9 @@ class CheckpointConfig:
     interval: int = 500  # optimizer steps between checkpoints
     keep_last: int = 3
     resume: bool = True  # resume from run_dir/checkpoints/latest when present
+    # A `mor export` folder whose weights start a NEW run (any parallel layout; optimizer, step and
+    # data position start fresh). Ignored once the run has a checkpoint of its own to resume.
+    init_from: Optional[str] = None
 
 
 @dataclass

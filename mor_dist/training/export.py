@@ -78,6 +78,35 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     return out_dir / "model.safetensors"
 
 
+def load_initial_weights(model, folder: str | Path, rank: int = 0) -> int:
+    """checkpoint.init_from: load an export folder's weights into a freshly built (not yet
+    parallelized) model, checking names and shapes. Returns the step they were exported at."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint.init_from={folder}: {path} is missing (make it with `mor export RUN_DIR {folder}`)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint.init_from: cannot read {path}: {e}") from None
+    expected = model.state_dict()
+    missing, extra = set(expected) - set(state), set(state) - set(expected)
+    shapes = [k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or shapes:
+        raise CheckpointError(
+            f"checkpoint.init_from: {path} does not fit this config's model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]}, other shapes {sorted(shapes)[:5]}"
+        )
+    state["train_step"] = torch.zeros_like(expected["train_step"])  # a new run: warmups start over
+    model.load_state_dict(state)
+    step = int(json.loads((Path(folder) / "export.json").read_text())["step"]) if (Path(folder) / "export.json").is_file() else -1
+    if rank == 0:
+        log.info("initial weights from %s (exported at step %d)", path, step)
+    return step
+
+
 def load_exported(path: str | Path):
     """The model of an export folder, in eval mode."""
     from safetensors.torch import load_file

@@ -34,7 +34,9 @@ def train(cfg, force: bool = False) -> int:
     from mor_dist.model import build_model
     from mor_dist.parallel.dims import init_distributed
     from mor_dist.parallel.train_module import build_train_module
-    from mor_dist.training.reshard import universal_source
+    from mor_dist.training.checkpoint import CheckpointManager
+    from mor_dist.training.export import load_initial_weights
+    from mor_dist.training.reshard import check_resume_layout, universal_source
     from mor_dist.training.run_dir import prepare_run_dir
     from mor_dist.training.trainer import Trainer, grad_accum_steps
 
@@ -45,6 +47,8 @@ def train(cfg, force: bool = False) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     run_dir = Path(cfg.logging.run_dir)
     setup_logging(run_dir, dims.rank)
+    if cfg.checkpoint.resume:
+        check_resume_layout(run_dir, dims.tp, dims.pp)  # before the run folder is touched
     if dims.rank == 0:
         prepare_run_dir(cfg, force)
     if torch.distributed.is_initialized():
@@ -56,6 +60,9 @@ def train(cfg, force: bool = False) -> int:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg)
+    if cfg.checkpoint.init_from and not (cfg.checkpoint.resume and CheckpointManager(run_dir, 1).latest()):
+        # Full weights before parallelize: every layout takes its shards from them.
+        load_initial_weights(model, cfg.checkpoint.init_from, dims.rank)
     module = build_train_module(model, cfg, dims, load_universal=universal is not None)
 
     train_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "train", rank=dims.dp_rank, world_size=dims.dp)

@@ -1,5 +1,9 @@
 """Resume at another data-parallel size: convert the checkpoint to DeepSpeed's universal format once
-(rank 0), then every rank loads that with `load_universal`. The original checkpoint is left as is."""
+(rank 0), then every rank loads that with `load_universal`. The original checkpoint is left as is.
+
+Tensor- and pipeline-parallel sizes are part of a checkpoint's layout: a resume that changes them is
+refused by name before anything is built; `mor export` + `checkpoint.init_from` carries the weights
+over to another layout."""
 
 from __future__ import annotations
 
@@ -13,6 +17,24 @@ import torch.distributed as dist
 from mor_dist.training.checkpoint import CheckpointError, CheckpointManager
 
 log = logging.getLogger("mor.train")
+
+
+def check_resume_layout(run_dir: Path, tp: int, pp: int) -> None:
+    """Refuse to resume the run's latest checkpoint at other tensor/pipeline-parallel sizes (called
+    before the run folder is touched)."""
+    latest = CheckpointManager(run_dir, 1).latest()
+    if latest is None:
+        return
+    meta = CheckpointManager(run_dir, 1).verify(latest)
+    saved = meta.get("config", {}).get("parallel", {})
+    was = (saved.get("tensor", 1), saved.get("pipeline", 1))
+    if was != (tp, pp):
+        raise CheckpointError(
+            f"checkpoint {latest} was saved with parallel.tensor={was[0]} parallel.pipeline={was[1]}; this run has "
+            f"parallel.tensor={tp} parallel.pipeline={pp}. A resumed run keeps its tensor- and pipeline-parallel "
+            f"sizes (the data-parallel size may change). Resume with the saved sizes, or export the weights "
+            f"(mor export {latest.parent.parent} OUT) and start a new run from them with checkpoint.init_from=OUT"
+        )
 
 
 def universal_source(run_dir: Path, keep_last: int, dp: int, rank: int) -> Path | None:

@@ -43,6 +43,31 @@ def test_export_merges_tensor_and_pipeline_shards(tiny_dataset, tmp_path):
         assert int(state["train_step"]) == 2
         assert max((state[k] - ref_state[k]).abs().max() for k in ref_state if k != "train_step") < 1e-4
 
+    # Resuming the TP=2 run in one process is refused by name, before anything is written.
+    ckpts = tmp_path / "tp" / "checkpoints"
+    before = sorted((p.relative_to(ckpts), p.stat().st_size) for p in ckpts.rglob("*") if p.is_file())
+    r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, tmp_path / "tp", train__steps=4,
+                                                  checkpoint__interval=2, train__eval_interval=0)])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "parallel.tensor=2 parallel.pipeline=1; this run has parallel.tensor=1" in r.stderr
+    assert "checkpoint.init_from" in r.stderr
+    assert sorted((p.relative_to(ckpts), p.stat().st_size) for p in ckpts.rglob("*") if p.is_file()) == before
+
+    # What it suggests: the TP=2 export starts a one-process run from the trained weights. Its first
+    # step sees the batch the fresh run "one" started on, with trained weights: a lower loss.
+    from tests.training.conftest import tb_scalars
+
+    warm_args = tiny_overrides(tiny_dataset, tmp_path / "warm", train__steps=1, checkpoint__interval=1,
+                               train__eval_interval=0, checkpoint__init_from=str(tmp_path / "tp_out"))
+    r = run_mor(["train", CONFIG, *warm_args])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "initial weights from" in r.stdout
+    warm, fresh = tb_scalars(tmp_path / "warm")["train/loss"], tb_scalars(tmp_path / "one")["train/loss"]
+    assert warm[1] < fresh[1] - 0.1, (warm, fresh)  # about 5.55 vs 6.25 here
+    r = run_mor(["train", CONFIG, *warm_args[:-1], f"checkpoint.init_from={tmp_path / 'missing'}",
+                 "logging.run_dir=" + str(tmp_path / "cold")])
+    assert r.returncode == 2 and "missing/model.safetensors is missing" in r.stderr, r.stderr[-2000:]
+
     # ZeRO-3 with tensor shards is not merged: refused by name, not exported half-done.
     import json
 
