@@ -127,36 +127,35 @@ def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> i
     units = 0.0  # elements saved for backward for one micro-batch on this stage
     regions = [0.0]  # a checkpointed region's activations, recomputed one at a time in backward
     extra = 0.0  # bytes kept in fp32 whatever the training dtype (the loss's log-softmax)
-    if stage == 0:
+
+    def unique_layers(n: int) -> None:
+        nonlocal units
         if ckpt == "full":
-            units += lay.prefix * tokens * d
+            units += n * tokens * d
             regions.append(per_layer * tokens)
         else:
-            units += lay.prefix * per_layer * tokens
+            units += n * per_layer * tokens
+
+    if stage == 0:
+        unique_layers(lay.prefix)
         if rt.type == "token":  # the depth router's input and probabilities
             units += tokens * (d + 2 * lay.recursions)
-    prev = 1.0
     for r in range(start, start + plan[stage]):
         k = fracs[r] * tokens
-        shared_kv = cfg.kv.strategy != "share" or r == 0
-        block = k * (per_layer if shared_kv else layer_activation_elems(m, tp, sp, own_kv=False)) * lay.block
+        own_kv = cfg.kv.strategy != "share" or r == 0
+        block = k * (per_layer if own_kv else layer_activation_elems(m, tp, sp, own_kv=False)) * lay.block
         if rt.type == "expert":
-            units += prev * tokens * d + k * d + 3 * k  # router input; gated update's output and gate
-        elif rt.type == "token":
-            units += 2 * tokens if r == lay.recursions - 1 else 0  # final gate * run
-            units += tokens * d if r == lay.recursions - 1 else 0
-        prev = fracs[r]
+            # router input (the previous step's tokens); gated update's output and gate
+            units += (fracs[r - 1] if r else 1.0) * tokens * d + k * d + 3 * k
+        elif rt.type == "token" and r == lay.recursions - 1:
+            units += tokens * (d + 2)  # final gate * run
         if ckpt in ("recursion", "full"):
             units += k * d
             regions.append(block)
         else:
             units += block
     if stage == pp - 1:
-        if ckpt == "full":
-            units += lay.suffix * tokens * d
-            regions.append(per_layer * tokens)
-        else:
-            units += lay.suffix * per_layer * tokens
+        unique_layers(lay.suffix)
         units += tokens * (3 * d + 1)  # final norm, the head's input
         extra += tokens * 4 * m.vocab_size / tp  # log-softmax of this rank's vocabulary, fp32
     in_flight = min(pp - stage, max(1, cfg.train.global_batch_size // (b * dp))) if pp > 1 else 1

@@ -97,6 +97,11 @@ def _megatron_config(tp: int, dtype: torch.dtype, sequence_parallel: bool = Fals
     )
 
 
+def _copy_shard(layer: nn.Module, full: torch.Tensor, dim: int, rank: int, tp: int) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(full.chunk(tp, dim=dim)[rank])
+
+
 def _column(full: nn.Linear, config, rank: int, tp: int, after_norm: bool = False) -> MegatronLinear:
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
@@ -106,8 +111,7 @@ def _column(full: nn.Linear, config, rank: int, tp: int, after_norm: bool = Fals
         # Behind a ParallelInputNorm the input is already in the TP region (its gradient is reduced there).
         disable_grad_reduce=after_norm,
     )
-    with torch.no_grad():
-        layer.weight.copy_(full.weight.chunk(tp, dim=0)[rank])
+    _copy_shard(layer, full.weight, 0, rank, tp)
     return MegatronLinear(layer)
 
 
@@ -122,8 +126,7 @@ def _row(full: nn.Linear, config, rank: int, tp: int) -> MegatronLinear:
         in_f, out_f, config=config, init_method=nn.init.zeros_, bias=False, input_is_parallel=True,
         skip_bias_add=False,
     )
-    with torch.no_grad():
-        layer.weight.copy_(full.weight.chunk(tp, dim=1)[rank])
+    _copy_shard(layer, full.weight, 1, rank, tp)
     return MegatronLinear(layer, seq_first=config.sequence_parallel)
 
 
@@ -132,8 +135,7 @@ def _vocab_embedding(full: nn.Embedding, config, rank: int, tp: int) -> nn.Modul
 
     vocab, dim = full.weight.shape
     emb = VocabParallelEmbedding(vocab, dim, init_method=nn.init.zeros_, config=config)
-    with torch.no_grad():
-        emb.weight.copy_(full.weight.chunk(tp, dim=0)[rank])
+    _copy_shard(emb, full.weight, 0, rank, tp)
     return emb
 
 

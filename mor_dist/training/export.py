@@ -57,14 +57,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     state, meta, folder = consolidated_state(run_dir, step)
     with torch.device("meta"):
         model = build_model(cfg)
-    expected = set(model.state_dict())
-    missing, extra = expected - set(state), set(state) - expected
-    if missing or extra:
-        raise CheckpointError(f"{folder} does not match the model of {run_dir / 'config.yaml'}: "
-                              f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
-    shapes = [k for k, v in model.state_dict().items() if tuple(state[k].shape) != tuple(v.shape)]
-    if shapes:
-        raise CheckpointError(f"{folder}: shapes differ from the model of {run_dir / 'config.yaml'} for {shapes[:5]}")
+    check_fits(state, model, f"{folder} does not match the model of {run_dir / 'config.yaml'}")
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(out_dir / "model.safetensors"),
@@ -78,9 +71,19 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     return out_dir / "model.safetensors"
 
 
-def load_initial_weights(model, folder: str | Path, rank: int = 0) -> int:
+def check_fits(state: dict, model, what: str) -> None:
+    """Raise CheckpointError(what: ...) unless state has exactly the model's names and shapes."""
+    expected = model.state_dict()
+    missing, extra = set(expected) - set(state), set(state) - set(expected)
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or extra or shapes:
+        raise CheckpointError(f"{what}: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}, "
+                              f"other shapes {shapes[:5]}")
+
+
+def load_initial_weights(model, folder: str | Path, rank: int = 0) -> None:
     """checkpoint.init_from: load an export folder's weights into a freshly built (not yet
-    parallelized) model, checking names and shapes. Returns the step they were exported at."""
+    parallelized) model, checking names and shapes."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -91,20 +94,11 @@ def load_initial_weights(model, folder: str | Path, rank: int = 0) -> int:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint.init_from: cannot read {path}: {e}") from None
-    expected = model.state_dict()
-    missing, extra = set(expected) - set(state), set(state) - set(expected)
-    shapes = [k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or extra or shapes:
-        raise CheckpointError(
-            f"checkpoint.init_from: {path} does not fit this config's model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(extra)[:5]}, other shapes {sorted(shapes)[:5]}"
-        )
-    state["train_step"] = torch.zeros_like(expected["train_step"])  # a new run: warmups start over
+    check_fits(state, model, f"checkpoint.init_from: {path} does not fit this config's model")
+    state["train_step"] = torch.zeros_like(state["train_step"])  # a new run: warmups start over
     model.load_state_dict(state)
-    step = int(json.loads((Path(folder) / "export.json").read_text())["step"]) if (Path(folder) / "export.json").is_file() else -1
     if rank == 0:
-        log.info("initial weights from %s (exported at step %d)", path, step)
-    return step
+        log.info("initial weights from %s", path)
 
 
 def load_exported(path: str | Path):

@@ -34,7 +34,6 @@ def train(cfg, force: bool = False) -> int:
     from mor_dist.model import build_model
     from mor_dist.parallel.dims import init_distributed
     from mor_dist.parallel.train_module import build_train_module
-    from mor_dist.training.checkpoint import CheckpointManager
     from mor_dist.training.export import load_initial_weights
     from mor_dist.training.reshard import check_resume_layout, universal_source
     from mor_dist.training.run_dir import prepare_run_dir
@@ -47,8 +46,8 @@ def train(cfg, force: bool = False) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     run_dir = Path(cfg.logging.run_dir)
     setup_logging(run_dir, dims.rank)
-    if cfg.checkpoint.resume:
-        check_resume_layout(run_dir, dims.tp, dims.pp)  # before the run folder is touched
+    # Before the run folder is touched: a checkpoint to resume must have this run's TP/PP sizes.
+    resuming = cfg.checkpoint.resume and check_resume_layout(run_dir, dims.tp, dims.pp) is not None
     if dims.rank == 0:
         prepare_run_dir(cfg, force)
     if torch.distributed.is_initialized():
@@ -56,11 +55,11 @@ def train(cfg, force: bool = False) -> int:
 
     grad_accum_steps(cfg, dims.dp)  # fail on a batch that does not split before building anything
     # A checkpoint saved at another data-parallel size is loaded through a universal conversion.
-    universal = universal_source(run_dir, cfg.checkpoint.keep_last, dims.dp, dims.rank) if cfg.checkpoint.resume else None
+    universal = universal_source(run_dir, cfg.checkpoint.keep_last, dims.dp, dims.rank) if resuming else None
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg)
-    if cfg.checkpoint.init_from and not (cfg.checkpoint.resume and CheckpointManager(run_dir, 1).latest()):
+    if cfg.checkpoint.init_from and not resuming:
         # Full weights before parallelize: every layout takes its shards from them.
         load_initial_weights(model, cfg.checkpoint.init_from, dims.rank)
     module = build_train_module(model, cfg, dims, load_universal=universal is not None)

@@ -19,13 +19,14 @@ from mor_dist.training.checkpoint import CheckpointError, CheckpointManager
 log = logging.getLogger("mor.train")
 
 
-def check_resume_layout(run_dir: Path, tp: int, pp: int) -> None:
-    """Refuse to resume the run's latest checkpoint at other tensor/pipeline-parallel sizes (called
-    before the run folder is touched)."""
-    latest = CheckpointManager(run_dir, 1).latest()
+def check_resume_layout(run_dir: Path, tp: int, pp: int) -> Path | None:
+    """The run's latest checkpoint (None without one), refused when saved at other tensor- or
+    pipeline-parallel sizes (called before the run folder is touched)."""
+    ckpt = CheckpointManager(run_dir, 1)
+    latest = ckpt.latest()
     if latest is None:
-        return
-    meta = CheckpointManager(run_dir, 1).verify(latest)
+        return None
+    meta = ckpt.verify(latest)
     saved = meta.get("config", {}).get("parallel", {})
     was = (saved.get("tensor", 1), saved.get("pipeline", 1))
     if was != (tp, pp):
@@ -35,6 +36,7 @@ def check_resume_layout(run_dir: Path, tp: int, pp: int) -> None:
             f"sizes (the data-parallel size may change). Resume with the saved sizes, or export the weights "
             f"(mor export {latest.parent.parent} OUT) and start a new run from them with checkpoint.init_from=OUT"
         )
+    return latest
 
 
 def universal_source(run_dir: Path, keep_last: int, dp: int, rank: int) -> Path | None:
