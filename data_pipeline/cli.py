@@ -1,6 +1,8 @@
 """`mor data ...`: prepare a dataset, train a tokenizer, verify shards.
 
-Settings come from the `data:` group of --config (or DataConfig defaults), then from the flags.
+Settings come from the `data:` group of --config (or DataConfig defaults), then from the flags. The
+numeric flags are checked against the ranges of the data keys they set. Errors (DataError, and
+ConfigError for flags) reach `mor`'s main, which prints them as one line.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import logging
 import sys
 
-from mor_dist.data_pipeline.errors import DataError
+from mor_dist.config import RANGES, ConfigError, flag_type
 
 
 def _data_config(args):
@@ -19,7 +21,7 @@ def _data_config(args):
 
         return load_config(args.config, args.overrides).data
     if args.overrides:
-        raise SystemExit("mor data: overrides need --config")
+        raise ConfigError("--set: overrides apply to the data: group of a config; add --config CONFIG")
     from mor_dist.data_pipeline.config import DataConfig
 
     return DataConfig()
@@ -39,28 +41,24 @@ def _prepare(args) -> int:
     _setup_logging()
     cfg = _data_config(args)
     if args.default_corpus and args.inputs:
-        raise SystemExit("mor data prepare: give input paths or --default-corpus, not both")
+        raise ConfigError("--default-corpus: cannot be combined with input paths; give one or the other")
     inputs = None if args.default_corpus else (args.inputs or list(cfg.inputs) or None)
-    try:
-        m = prepare_dataset(
-            _pick(args.out, cfg.dataset_dir),
-            inputs,
-            seq_len=_pick(args.seq_len, cfg.seq_len),
-            tokenizer=_pick(args.tokenizer, cfg.tokenizer) or None,
-            vocab_size=_pick(args.vocab_size, cfg.vocab_size),
-            eos_token=cfg.eos_token,
-            pad_token=cfg.pad_token,
-            tokenizer_train_bytes=_pick(args.tokenizer_train_bytes, cfg.tokenizer_train_bytes),
-            text_field=_pick(args.text_field, cfg.text_field),
-            val_fraction=_pick(args.val_fraction, cfg.val_fraction),
-            shard_samples=_pick(args.shard_samples, cfg.shard_samples),
-            workers=_pick(args.workers, cfg.prepare_workers),
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except DataError as e:
-        print(f"mor data prepare: {e}", file=sys.stderr)
-        return 1
+    m = prepare_dataset(
+        _pick(args.out, cfg.dataset_dir),
+        inputs,
+        seq_len=_pick(args.seq_len, cfg.seq_len),
+        tokenizer=_pick(args.tokenizer, cfg.tokenizer) or None,
+        vocab_size=_pick(args.vocab_size, cfg.vocab_size),
+        eos_token=cfg.eos_token,
+        pad_token=cfg.pad_token,
+        tokenizer_train_bytes=_pick(args.tokenizer_train_bytes, cfg.tokenizer_train_bytes),
+        text_field=_pick(args.text_field, cfg.text_field),
+        val_fraction=_pick(args.val_fraction, cfg.val_fraction),
+        shard_samples=_pick(args.shard_samples, cfg.shard_samples),
+        workers=_pick(args.workers, cfg.prepare_workers),
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     summary = {s: {k: v for k, v in d.items() if k != "shards"} | {"shards": len(d["shards"])}
                for s, d in m.data["splits"].items()}
     print(json.dumps({"dataset": str(m.dir), "splits": summary, "corpus": m.data["corpus"]}, indent=1))
@@ -74,18 +72,14 @@ def _tokenizer(args) -> int:
 
     _setup_logging()
     cfg = _data_config(args)
-    try:
-        inputs = args.inputs or list(cfg.inputs)
-        files = resolve_inputs(inputs) if inputs else default_corpus_files()
-        vocab = _pick(args.vocab_size, cfg.vocab_size)
-        logging.getLogger("mor_dist.data").info("training a %d-entry byte-level BPE on %d files", vocab, len(files))
-        texts = iter_texts(_spread(files), _pick(args.text_field, cfg.text_field),
-                           _pick(args.tokenizer_train_bytes, cfg.tokenizer_train_bytes))
-        tok = toklib.train_tokenizer(texts, vocab, cfg.eos_token, cfg.pad_token)
-        fp = toklib.save_tokenizer(tok, args.out)
-    except DataError as e:
-        print(f"mor data tokenizer: {e}", file=sys.stderr)
-        return 1
+    inputs = args.inputs or list(cfg.inputs)
+    files = resolve_inputs(inputs) if inputs else default_corpus_files()
+    vocab = _pick(args.vocab_size, cfg.vocab_size)
+    logging.getLogger("mor_dist.data").info("training a %d-entry byte-level BPE on %d files", vocab, len(files))
+    texts = iter_texts(_spread(files), _pick(args.text_field, cfg.text_field),
+                       _pick(args.tokenizer_train_bytes, cfg.tokenizer_train_bytes))
+    tok = toklib.train_tokenizer(texts, vocab, cfg.eos_token, cfg.pad_token)
+    fp = toklib.save_tokenizer(tok, args.out)
     print(json.dumps({"tokenizer": args.out, "vocab_size": tok.get_vocab_size(), "fingerprint": fp}, indent=1))
     return 0
 
@@ -95,11 +89,7 @@ def _verify(args) -> int:
 
     _setup_logging()
     cfg = _data_config(args)
-    try:
-        problems = verify_dataset(_pick(args.dataset, cfg.dataset_dir), read_samples=args.read_samples)
-    except DataError as e:
-        print(f"mor data verify: {e}", file=sys.stderr)
-        return 1
+    problems = verify_dataset(_pick(args.dataset, cfg.dataset_dir), read_samples=args.read_samples)
     for p in problems:
         print(p, file=sys.stderr)
     print("ok" if not problems else f"{len(problems)} problem(s)")
@@ -110,6 +100,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config whose data: group supplies the defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (with --config), e.g. --set data.seq_len=512; repeatable")
+
+
+def _key_flag(key: str, kind=int):
+    """The flag that sets data.<key>: same range as the key."""
+    return flag_type(RANGES[f"data.{key}"], kind)
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
@@ -125,14 +120,17 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="files, directories or globs (default: data.inputs, else the default corpus)")
     p.add_argument("--default-corpus", action="store_true", help="use the standard-library sources")
     p.add_argument("-o", "--out", help="dataset directory (default: data.dataset_dir)")
-    p.add_argument("--seq-len", type=int, help="tokens per training sequence (samples hold seq_len + 1)")
+    p.add_argument("--seq-len", type=_key_flag("seq_len"),
+                   help="tokens per training sequence (samples hold seq_len + 1)")
     p.add_argument("--tokenizer", help="existing tokenizer.json (default: train a byte-level BPE on the inputs)")
-    p.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer")
-    p.add_argument("--tokenizer-train-bytes", type=int, help="cap on the text the tokenizer is trained on")
+    p.add_argument("--vocab-size", type=_key_flag("vocab_size"), help="vocabulary of a trained tokenizer")
+    p.add_argument("--tokenizer-train-bytes", type=_key_flag("tokenizer_train_bytes"),
+                   help="cap on the text the tokenizer is trained on")
     p.add_argument("--text-field", help="JSON field / parquet column with the text")
-    p.add_argument("--val-fraction", type=float, help="share of samples held out for validation")
-    p.add_argument("--shard-samples", type=int, help="samples per shard")
-    p.add_argument("--workers", type=int, help="tokenizer processes (0 = all cores)")
+    p.add_argument("--val-fraction", type=_key_flag("val_fraction", float),
+                   help="share of samples held out for validation")
+    p.add_argument("--shard-samples", type=_key_flag("shard_samples"), help="samples per shard")
+    p.add_argument("--workers", type=_key_flag("prepare_workers"), help="tokenizer processes (0 = all cores)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier preparation in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _common(p)
@@ -141,8 +139,9 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer and save tokenizer.json")
     p.add_argument("inputs", nargs="*", help="files, directories or globs (default: data.inputs, else the default corpus)")
     p.add_argument("-o", "--out", required=True, help="where to write tokenizer.json")
-    p.add_argument("--vocab-size", type=int)
-    p.add_argument("--tokenizer-train-bytes", type=int, help="cap on the text trained on")
+    p.add_argument("--vocab-size", type=_key_flag("vocab_size"))
+    p.add_argument("--tokenizer-train-bytes", type=_key_flag("tokenizer_train_bytes"),
+                   help="cap on the text trained on")
     p.add_argument("--text-field")
     _common(p)
     p.set_defaults(func=_tokenizer)
@@ -156,10 +155,10 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mor")
-    add_data_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`mor data ...` with argv starting at "data": `mor`'s own main, for its error handling."""
+    from mor_dist.cli import main as mor_main
+
+    return mor_main(argv)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[tuple[str, bool]]:
                 continue
             try:
                 obj = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}", f"not UTF-8 (byte {e.start + 1} of the line); save the file "
+                                "as UTF-8") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}", f"not valid JSON: {e}") from None
             text = obj.get(field) if isinstance(obj, dict) else None
@@ -138,6 +141,7 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[tuple[str, bool]]:
 
 
 def _parquet_docs(path: Path, field: str) -> Iterator[tuple[str, bool]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -146,6 +150,9 @@ def _parquet_docs(path: Path, field: str) -> Iterator[tuple[str, bool]]:
         raise DataError(path, f"not a readable parquet file: {e}") from None
     if field not in pf.schema_arrow.names:
         raise DataError(path, f"no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+    kind = pf.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(path, f"column {field!r} holds {kind}, not text; choose a string column with --text-field")
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:  # null or empty rows carry no document

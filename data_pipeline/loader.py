@@ -140,7 +140,18 @@ class _RankStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        w, k = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is None:
+            yield from self._batches(0, 1)
+            return
+        try:
+            yield from self._batches(info.id, info.num_workers)
+        except DataError as e:
+            # Handed to the consumer as a batch: raised here, torch would re-raise it there wrapped in
+            # the worker's traceback, printed before the file name. Batches arrive in order, so the
+            # error surfaces exactly where it would without workers.
+            yield {"error": e}
+
+    def _batches(self, w: int, k: int):
         ds = self.ds
         order = SampleOrder(ds.sizes, [s["index"] for s in ds.shards], self.seed, self.shuffle)
         readers: dict[int, ShardReader] = {}
@@ -258,6 +269,8 @@ class StreamingLoader:
             for raw in batches:
                 if gen != self._generation:
                     raise RuntimeError("the loader was restarted or its state reloaded: make a new iterator")
+                if "error" in raw:
+                    raise raw["error"]
                 batch = {
                     "tokens": torch.from_numpy(raw["tokens"].astype(np.int64)),
                     "keys": torch.from_numpy(raw["keys"]),

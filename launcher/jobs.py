@@ -9,10 +9,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from mor_dist.launcher.validate import UserError
+
 SLURM_DIR = "slurm"  # inside the run folder: the rendered script, job logs, jobs.json
 JOBS_FILE = "jobs.json"
 SCRIPT_FILE = "train.sbatch"
 LOG_PATTERN = "job-%j.log"  # sbatch expands %j to the job id
+RECORD_KEYS = {"job_id", "submitted", "log"}  # what mor status reads of each job in jobs.json
 
 
 def slurm_dir(run_dir: Path) -> Path:
@@ -25,7 +28,16 @@ def log_path(run_dir: Path, job_id: str) -> Path:
 
 def read_jobs(run_dir: Path) -> list[dict]:
     path = slurm_dir(run_dir) / JOBS_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    fix = "restore it, or move it aside to start a new record"
+    try:
+        records = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(str(path), f"is not valid JSON ({e})", fix) from None
+    if not (isinstance(records, list) and all(isinstance(r, dict) and RECORD_KEYS <= r.keys() for r in records)):
+        raise UserError(str(path), "is not a job record written by mor submit", fix)
+    return records
 
 
 def record_job(run_dir: Path, job_id: str, dependency: str | None) -> None:
@@ -39,9 +51,13 @@ def record_job(run_dir: Path, job_id: str, dependency: str | None) -> None:
 
 def sbatch(script: Path, dependency: str | None = None) -> str:
     cmd = ["sbatch", "--parsable"] + ([f"--dependency={dependency}"] if dependency else []) + [str(script)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("sbatch", "not found", "run mor submit where SLURM is installed, or use --dry-run") from None
     if r.returncode:
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+        raise UserError("sbatch", f"{shlex.join(cmd)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}",
+                        "fix what it names (see the script with --dry-run)")
     return r.stdout.strip().split(";")[0]  # "jobid[;cluster]"
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from mor_dist.launcher import jobs
+from mor_dist.launcher.validate import UserError, one_line_usage_errors, report_errors
 
 FAILED_STATES = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "CANCELLED", "PREEMPTED"}
 STEP_LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.naif]+)")
@@ -31,9 +32,12 @@ def last_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     latest = run_dir / "checkpoints" / "latest"
     if not latest.is_file():
         return None
-    path = run_dir / "checkpoints" / latest.read_text().strip()
-    meta = path / "meta.json"
-    return path, (json.loads(meta.read_text()) if meta.is_file() else {})
+    path = run_dir / "checkpoints" / latest.read_text(errors="replace").strip()
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):  # missing or damaged: the status line shows '?' (resume names the fault)
+        meta = {}
+    return path, meta if isinstance(meta, dict) else {}
 
 
 def error_summary(log: Path, tail: int = 15) -> list[str]:
@@ -45,11 +49,15 @@ def error_summary(log: Path, tail: int = 15) -> list[str]:
 
 
 def status(args) -> int:
+    return report_errors("mor", _status, args)
+
+
+def _status(args) -> int:
     run_dir = Path(args.run).resolve()
     records = jobs.read_jobs(run_dir)
     if not records and not (run_dir / "config.yaml").is_file():
-        print(f"mor status: {run_dir} is not a run folder (no slurm/jobs.json, no config.yaml)")
-        return 2
+        raise UserError(str(run_dir), "is not a run folder (no slurm/jobs.json, no config.yaml)",
+                        "give the logging.run_dir of a submitted or trained run")
     print(f"run         {run_dir}")
     code = 0
     for i, rec in enumerate(records):
@@ -88,3 +96,4 @@ def add_status_parser(sub) -> None:
                        "scontrol about them. Exit code 1 when the latest job failed.")
     p.add_argument("run", help="run folder (logging.run_dir)")
     p.set_defaults(func=status)
+    one_line_usage_errors(p)

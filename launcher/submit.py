@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from pathlib import Path
 
-from mor_dist.launcher import jobs
+from mor_dist.launcher import jobs, validate
 from mor_dist.launcher.render import TEMPLATE, render
+from mor_dist.launcher.validate import UserError
+
+# Smallest value of each numeric flag (None: not given).
+MINIMUM = {"--nodes": 1, "--chain": 1, "--max-restarts": 0, "--gpus-per-node": 0, "--tasks-per-node": 1,
+           "--cpus-per-task": 1, "--signal-lead": 1}
 
 
-class SubmitError(ValueError):
-    pass
+def check_flags(args) -> None:
+    """Every flag that reaches the script or sbatch, before anything is loaded or queued."""
+    for flag, low in MINIMUM.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < low:
+            raise UserError(flag, f"must be >= {low}, got {value}", f"give {flag} {low} or more")
+    if args.signal_lead > validate.MAX_SIGNAL_LEAD:
+        raise UserError("--signal-lead", f"must be <= {validate.MAX_SIGNAL_LEAD} (sbatch's limit), got "
+                        f"{args.signal_lead}", "give a shorter lead")
+    limit = validate.time_limit(args.time) if args.time is not None else None
+    if limit is not None and args.signal_lead >= limit:
+        # The warning would come at once: the job would requeue itself without training.
+        raise UserError("--signal-lead", f"{args.signal_lead} s is not shorter than --time {args.time} ({limit} s)",
+                        "give a shorter --signal-lead or a longer --time")
+    if args.job_name is not None:
+        validate.printable("--job-name", args.job_name)
+    if args.partition is not None:
+        validate.slurm_names("--partition", args.partition, several=True)
+    if args.account is not None:
+        validate.slurm_names("--account", args.account, several=False)
+    if args.dependency is not None:
+        validate.dependency(args.dependency)
+    for option in args.sbatch:
+        validate.sbatch_option(option)
+    validate.printable("config", args.config)
+    for item in args.overrides:
+        validate.printable(item.split("=", 1)[0], item)  # named by its key, e.g. logging.run_dir
 
 
 def training_args(config: Path, overrides: list[str], run_dir: Path, force: bool) -> list[str]:
@@ -22,7 +51,10 @@ def training_args(config: Path, overrides: list[str], run_dir: Path, force: bool
 
 
 def script_values(args, run_dir: Path, command: list[str]) -> dict:
+    """Raw values: render() quotes each for the line it lands on."""
     gpus = args.gpus_per_node or None
+    # %j in --output is SLURM's job id; a '%' of the run folder itself is written '%%'.
+    log = str(jobs.slurm_dir(run_dir)).replace("%", "%%") + "/" + jobs.LOG_PATTERN
     return {
         "job_name": args.job_name or f"mor-{run_dir.name}",
         "nodes": args.nodes,
@@ -34,51 +66,42 @@ def script_values(args, run_dir: Path, command: list[str]) -> dict:
         "account": args.account,
         "signal_lead": args.signal_lead,
         "max_restarts": args.max_restarts,
-        "log": jobs.slurm_dir(run_dir) / jobs.LOG_PATTERN,
-        "workdir": Path.cwd(),
-        "extra_sbatch": "\n".join(f"#SBATCH {a}" for a in args.sbatch) or None,
-        "run_dir": shlex.quote(str(run_dir)),
-        "python": shlex.quote(sys.executable),
-        "train_args": " ".join(shlex.quote(c) for c in command),
+        "log": log,
+        "workdir": validate.printable("current directory", str(Path.cwd())),
+        "extra_sbatch": list(args.sbatch),
+        "run_dir": str(run_dir),
+        "python": validate.printable("python (sys.executable)", sys.executable),
+        "train_args": command,
     }
 
 
-def check_run_dir(cfg, force: bool) -> None:
-    """Refuse now, not in the queue, a run folder that holds a run with another config."""
-    from omegaconf import OmegaConf
-
-    from mor_dist.training.run_dir import CONFIG_FILE, RunDirError, config_differences
-
-    saved = Path(cfg.logging.run_dir) / CONFIG_FILE
-    if saved.is_file() and not force:
-        diffs = config_differences(OmegaConf.to_container(OmegaConf.load(saved), resolve=True),
-                                   OmegaConf.to_container(cfg, resolve=True))
-        if diffs:
-            raise RunDirError(f"{cfg.logging.run_dir} holds a run with a different config ({saved}):\n  "
-                              + "\n  ".join(diffs) + "\nUse another logging.run_dir, or pass --force.")
-
-
 def submit(args) -> int:
-    try:
-        return _submit(args)
-    except (SubmitError, RuntimeError, KeyError, OSError) as e:
-        print(f"mor submit: {e}", file=sys.stderr)
-        return 2
+    from mor_dist.config import ConfigError
+    from mor_dist.run_folder import RunDirError
+
+    return validate.report_errors("mor", _submit, args, (ConfigError, RunDirError))
 
 
 def _submit(args) -> int:
     from mor_dist.config import load_config
+    from mor_dist.run_folder import check_config
 
-    if args.chain < 1 or args.nodes < 1:
-        raise SubmitError("--chain and --nodes must be >= 1")
-    config = Path(args.config).resolve()
+    check_flags(args)
+    # Checked again once resolved: a symlink may lead anywhere.
+    config = Path(validate.printable("config", str(Path(args.config).resolve())))
     cfg = load_config(config, args.overrides)  # a bad config fails here, not after queueing
-    run_dir = Path(cfg.logging.run_dir).resolve()
+    validate.run_dir(cfg.logging.run_dir)
+    run_dir = Path(validate.run_dir(str(Path(cfg.logging.run_dir).resolve())))
     cfg.logging.run_dir = str(run_dir)
-    check_run_dir(cfg, args.force)
+    check_config(cfg, args.force)  # a folder holding a run of another config is refused now, not in the queue
+    jobs.read_jobs(run_dir)  # a damaged job record is refused before a job is queued, not after
     template = Path(args.template) if args.template else TEMPLATE
-    script = render(template.read_text(), script_values(args, run_dir, training_args(
-        config, args.overrides, run_dir, args.force)))
+    try:
+        text = template.read_text()
+    except UnicodeDecodeError:
+        raise UserError("--template", f"{template} is not a text file", "give an sbatch template") from None
+    script = render(text, script_values(args, run_dir, training_args(config, args.overrides, run_dir, args.force)),
+                    where=str(template))
     if args.dry_run:
         print(script, end="")
         return 0
@@ -110,19 +133,21 @@ def add_submit_parser(sub) -> None:
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0: CPU-only)")
     p.add_argument("--tasks-per-node", type=int, help="training ranks per node (default: GPUs per node, or 1)")
     p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--time", help="time limit, e.g. 24:00:00")
+    p.add_argument("--time", help="time limit in an sbatch form, e.g. 24:00:00, 2-00, 90 (minutes), UNLIMITED")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--job-name")
     p.add_argument("--signal-lead", type=int, default=300,
-                   help="seconds before the time limit at which the job checkpoints and requeues (default 300)")
+                   help="seconds before the time limit at which the job checkpoints and requeues (default 300; "
+                   "shorter than --time)")
     p.add_argument("--max-restarts", type=int, default=20, help="requeues allowed before the job gives up")
     p.add_argument("--chain", type=int, default=1,
                    help="submit N jobs, each --dependency=afterany on the previous (runs longer than one allocation)")
     p.add_argument("--dependency", help="sbatch dependency of the first job, e.g. afterany:1234")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                   help="extra #SBATCH line, e.g. --sbatch=--exclusive (repeatable)")
+                   help="one extra sbatch option, e.g. --sbatch=--exclusive (repeatable)")
     p.add_argument("--template", help=f"sbatch template (default {TEMPLATE})")
     p.add_argument("--force", action="store_true", help="passed to mor train: continue a run with a changed config")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     p.set_defaults(func=submit)
+    validate.one_line_usage_errors(p)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 
 
@@ -31,8 +33,21 @@ def _export(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flag mistakes end in one line like every other user mistake; the usage is one --help away."""
+
+    def error(self, message: str):
+        message = message.removeprefix("argument ")
+        hint = "" if "; " in message else f"; see {self.prog} --help"
+        if message.startswith("unrecognized arguments:") and "=" in message:
+            hint = "; put key=value overrides right after the config file, before any --flag"
+        self.exit(2, f"mor: {message}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mor", description="Mixture-of-Recursions distributed pretraining")
+    from mor_dist.config import flag_type
+
+    parser = _Parser(prog="mor", description="Mixture-of-Recursions distributed pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter counts, layout and FLOPs of a config (no weights allocated)")
@@ -55,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="consolidated safetensors + config of a run's checkpoint")
     p.add_argument("run_dir", help="run folder (logging.run_dir of the run)")
     p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--step", type=flag_type(">= 0"), help="checkpoint step (default: latest)")
     p.set_defaults(func=_export)
 
     # Each component registers its own subcommands.
@@ -73,13 +88,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple:
     """Errors whose message already says what to fix: printed without a traceback."""
+    from mor_dist.checkpoint import CheckpointError
     from mor_dist.config import ConfigError
     from mor_dist.data_pipeline.errors import DataError
-    from mor_dist.training.checkpoint import CheckpointError
-    from mor_dist.training.run_dir import RunDirError
+    from mor_dist.parallel.dims import ParallelLayoutError
+    from mor_dist.run_folder import RunDirError
     from mor_dist.training.trainer import NonFiniteLossError
 
-    return ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLossError
+    return ConfigError, DataError, CheckpointError, RunDirError, NonFiniteLossError, ParallelLayoutError
+
+
+# A full disk, a quota or a permission is the machine's state, not a bug: the file and the remedy say
+# more than a traceback.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free space there (or write elsewhere), then run again",
+    errno.EDQUOT: "free space within your quota (or write elsewhere), then run again",
+    errno.EACCES: "fix the permissions of that path or its folder, or use another path",
+    errno.EPERM: "fix the permissions of that path or its folder, or use another path",
+    errno.EROFS: "use a path on a writable filesystem",
+}
+
+
+def environment_error(e: BaseException | None) -> OSError | None:
+    """The disk-full / quota / permission OSError that is `e` or that `e` was raised from, if any."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+            return e
+        e = e.__cause__
+    return None
+
+
+def environment_message(e: OSError) -> str:
+    """'<file>: no space left on device; <what to do>'."""
+    what = e.strerror or os.strerror(e.errno)
+    what = what[:1].lower() + what[1:]
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return f"{where}{what}; {_ENVIRONMENT_ERRNOS[e.errno]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except errors as e:
-        print(f"mor: {type(e).__name__}: {e}", file=sys.stderr)
+        # The message starts with the file, key or flag at fault; a long one (e.g. a list of config
+        # differences) goes on after a first line that stands alone.
+        print(f"mor: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        env = environment_error(e)
+        if env is None:
+            raise  # a bug: keep the traceback
+        print(f"mor: {environment_message(env)}", file=sys.stderr)
         return 2
 
 

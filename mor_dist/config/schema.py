@@ -1,7 +1,10 @@
 """The config tree: one structured dataclass per component, validated by OmegaConf.
 
-Every key is documented where it is declared. YAML files under configs/ and command-line dotlist
-overrides (`model.recursions=3`) are merged onto these; unknown or ill-typed keys fail at load time.
+Every key is documented where it is declared; every numeric key declares its allowed range with
+`ranged(default, spec)` (">= 1", "> 0", "[0, 1)", ...; a list's range applies to each item), which
+validate.py checks together with the rules that span several keys. YAML files under configs/ and
+command-line dotlist overrides (`model.recursions=3`) are merged onto these; unknown or ill-typed keys
+fail at load time.
 """
 
 from __future__ import annotations
@@ -9,26 +12,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from mor_dist.data_pipeline.config import DataConfig
+from mor_dist.data_pipeline.config import DataConfig, ranged
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 49152
-    d_model: int = 960
+    vocab_size: int = ranged(49152, ">= 1")
+    d_model: int = ranged(960, ">= 1")
     # L: layers of the vanilla model. Recursive/MoR models derive their layout from it (see sharing).
-    n_layers: int = 32
-    n_heads: int = 15
-    n_kv_heads: int = 5  # grouped-query attention; must divide n_heads
-    head_dim: Optional[int] = None  # default d_model // n_heads
-    d_ff: int = 2560  # SwiGLU hidden size
-    max_seq_len: int = 2048  # RoPE table size; data.seq_len must not exceed it
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    n_layers: int = ranged(32, ">= 1")
+    n_heads: int = ranged(15, ">= 1")
+    n_kv_heads: int = ranged(5, ">= 1")  # grouped-query attention; must divide n_heads
+    head_dim: Optional[int] = ranged(None, ">= 2")  # even (RoPE rotates pairs); default d_model // n_heads
+    d_ff: int = ranged(2560, ">= 1")  # SwiGLU hidden size
+    max_seq_len: int = ranged(2048, ">= 1")  # RoPE table size; data.seq_len must not exceed it
+    rope_theta: float = ranged(10000.0, "> 0")
+    norm_eps: float = ranged(1e-5, "> 0")
     tie_embeddings: bool = True  # input embedding reused as output head (Llama/SmolLM)
-    init_std: float = 0.02
+    init_std: float = ranged(0.02, "> 0")
     # Nr: number of recursions of the shared block. 1 with sharing=none is the vanilla model.
-    recursions: int = 1
+    recursions: int = ranged(1, ">= 1")
     # none | cycle | sequence | middle_cycle | middle_sequence (MOR.md section 2).
     sharing: str = "none"
     # When the shared layers do not divide by recursions, add layers (the paper's MoR-4 at 360m uses
@@ -42,24 +45,25 @@ class RoutingConfig:
     type: str = "none"
     router: str = "linear"  # linear: Linear(d,1|Nr); mlp: Linear(d,2d)-GELU-Linear(2d,.)
     # Gate scale: g = alpha * sigmoid(logit) (expert); token-choice softmax default 1.0, sigmoid 0.1.
-    alpha: Optional[float] = None
-    # Expert-choice capacity c_r per step; None = (Nr - r + 1) / Nr. Each in (0, 1], non-increasing.
-    capacity: Optional[List[float]] = None
-    capacity_warmup_steps: int = 0  # cosine from 1.0 down to c_r over this many optimizer steps
+    alpha: Optional[float] = ranged(None, "> 0")
+    # Expert-choice capacity c_r per step, one per recursion; None = (Nr - r + 1) / Nr. Each in
+    # (0, 1], non-increasing.
+    capacity: Optional[List[float]] = ranged(None, "(0, 1]")
+    capacity_warmup_steps: int = ranged(0, ">= 0")  # cosine from 1.0 down to c_r over this many optimizer steps
     # How the causal (inference-time) decision is learned: aux_loss = BCE on the router logit;
     # aux_router = a second router on detached inputs predicts top-k membership.
     causal_method: str = "aux_loss"
-    aux_loss_coef: float = 0.001  # BCE, averaged over candidates, summed over steps
-    z_loss_coef: float = 0.0  # router z-loss; 1e-3 when on
+    aux_loss_coef: float = ranged(0.001, ">= 0")  # BCE, averaged over candidates, summed over steps
+    z_loss_coef: float = ranged(0.0, ">= 0")  # router z-loss; 1e-3 when on
     # weighted: selected tokens get H + g*f(H) (paper). none: selected tokens get f(H) and the router
     # learns only from its aux loss -- a diagnostic; at capacity 1.0 it is exactly the recursive model.
     gating: str = "weighted"
     # Token-choice
     token_func: str = "softmax"  # softmax | sigmoid
     balancing: str = "loss"  # loss | loss_free | none
-    balance_coef: float = 0.1
-    bias_update_rate: float = 0.001  # loss-free balancing: b_i += rate * sign(mean_load - load_i)
-    max_depth_warmup_steps: int = 0  # token-choice: force the deepest recursion for this many steps
+    balance_coef: float = ranged(0.1, ">= 0")
+    bias_update_rate: float = ranged(0.001, ">= 0")  # loss-free balancing: b_i += rate * sign(mean_load - load_i)
+    max_depth_warmup_steps: int = ranged(0, ">= 0")  # token-choice: force the deepest recursion for this many steps
 
 
 @dataclass
@@ -70,63 +74,71 @@ class KVConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: float = ranged(3e-3, "> 0")
+    betas: List[float] = ranged([0.9, 0.95], "[0, 1)")  # exactly two: Adam's beta1, beta2
+    eps: float = ranged(1e-8, "> 0")
+    weight_decay: float = ranged(0.1, ">= 0")
+    grad_clip: float = ranged(1.0, ">= 0")  # max global grad norm; 0 disables clipping
 
 
 @dataclass
 class ScheduleConfig:
     name: str = "wsd"  # wsd (trapezoid: warmup-stable-decay, paper default) | cosine | constant
-    warmup_fraction: float = 0.05
-    decay_fraction: float = 0.2  # wsd: linear cooldown over the last fraction of steps
-    min_lr_ratio: float = 0.0  # final lr as a fraction of optim.lr
+    # warmup_fraction + decay_fraction <= 1
+    warmup_fraction: float = ranged(0.05, "[0, 1]")
+    decay_fraction: float = ranged(0.2, "[0, 1]")  # wsd: linear cooldown over the last fraction of steps
+    min_lr_ratio: float = ranged(0.0, "[0, 1]")  # final lr as a fraction of optim.lr
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
-    global_batch_size: int = 1024  # sequences per optimizer step, across data-parallel ranks
-    micro_batch_size: int = 4  # sequences per forward on one rank
-    seed: int = 1234
+    steps: int = ranged(1000, ">= 1")  # optimizer steps
+    # Sequences per optimizer step, across data-parallel ranks: a multiple of micro_batch_size x
+    # the data-parallel size (the remaining factor is gradient accumulation).
+    global_batch_size: int = ranged(1024, ">= 1")
+    micro_batch_size: int = ranged(4, ">= 1")  # sequences per forward on one rank
+    seed: int = ranged(1234, "[0, 4294967295]")
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    eval_interval: int = 200
-    eval_batches: int = 20
+    eval_interval: int = ranged(200, ">= 0")  # optimizer steps between evaluations; 0 = never
+    eval_batches: int = ranged(20, ">= 0")  # micro-batches per evaluation; >= 1 when eval_interval > 0
     nan_policy: str = "stop"  # stop | skip (skip the step, count it in TensorBoard)
 
 
 @dataclass
 class ParallelConfig:
-    tensor: int = 1  # megatron-core tensor-parallel size
-    pipeline: int = 1  # pipeline stages over first / shared middle cycle / last
-    zero_stage: int = 1  # DeepSpeed ZeRO stage over the data-parallel group (PP>1 allows only 1)
+    tensor: int = ranged(1, ">= 1")  # megatron-core tensor-parallel size
+    pipeline: int = ranged(1, ">= 1")  # pipeline stages over first / shared middle cycle / last
+    zero_stage: int = ranged(1, "[0, 3]")  # DeepSpeed ZeRO stage over the data-parallel group (PP>1 allows only 1)
     sequence_parallel: bool = False
-    microbatches: int = 0  # pipeline micro-batches per step; 0 = gradient-accumulation steps
+    microbatches: int = ranged(0, ">= 0")  # pipeline micro-batches per step; 0 = gradient-accumulation steps
     # none | recursion (checkpoint each recursion of the shared block) | full (also unique layers)
     activation_checkpointing: str = "none"
-    # Optional explicit pipeline mapping: number of recursions held by each stage.
-    stage_recursions: Optional[List[int]] = None
+    # Optional explicit pipeline mapping: number of recursions held by each stage (one entry per
+    # stage, summing to model.recursions).
+    stage_recursions: Optional[List[int]] = ranged(None, ">= 0")
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 500  # optimizer steps between checkpoints
-    keep_last: int = 3
+    interval: int = ranged(500, ">= 1")  # optimizer steps between checkpoints
+    keep_last: int = ranged(3, ">= 1")  # newest checkpoints kept
     resume: bool = True  # resume from run_dir/checkpoints/latest when present
     # A `mor export` folder whose weights start a NEW run (any parallel layout; optimizer, step and
     # data position start fresh). Ignored once the run has a checkpoint of its own to resume.
     init_from: Optional[str] = None
+    # What a resume checks of a checkpoint's files before reading them: sha256 (every byte against the
+    # checksum taken at save time), size (truncation only) or none. A damaged `latest` falls back to
+    # the newest intact checkpoint.
+    verify: str = "sha256"
 
 
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"  # holds checkpoints/, tensorboard/, config.yaml, logs
-    log_interval: int = 10
+    log_interval: int = ranged(10, ">= 1")  # optimizer steps between log lines / scalars
     tensorboard: bool = True
-    peak_tflops: float = 1.0  # per device, for MFU; set to the accelerator's dense bf16 peak
+    peak_tflops: float = ranged(1.0, "> 0")  # per device, for MFU; set to the accelerator's dense bf16 peak
 
 
 @dataclass

@@ -1,9 +1,37 @@
-"""`mor generate` (a person's prompt) and `mor serve-bench` (synthetic load, tokens/s, KV bytes)."""
+"""`mor generate` (a person's prompt) and `mor serve-bench` (synthetic load, tokens/s, KV bytes).
+
+Mistakes raise ConfigError (flags) or CheckpointError (the folder), printed as one line by `mor`.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+
+from mor_dist.config import ConfigError, flag_type
+
+SEED = "[0, 4294967295]"
+
+
+def _token_ids(text: str) -> list[int]:
+    ids = []
+    for x in text.split(","):
+        if x.strip():
+            try:
+                ids.append(int(x))
+            except ValueError:
+                raise ConfigError(f"--prompt: {x.strip()!r} is not a token id; with --ids give comma-separated "
+                                  "integers, e.g. --prompt 12,7,99") from None
+    if not ids:
+        raise ConfigError("--prompt: no token ids; give at least one, e.g. --prompt 12,7,99")
+    return ids
+
+
+def _check_fits(model, prompt_len: int, new_tokens: int, flags: str) -> None:
+    limit = model.cfg.max_seq_len
+    if prompt_len + new_tokens - 1 > limit:
+        raise ConfigError(f"{flags}: a prompt of {prompt_len} + {new_tokens} new tokens exceeds the model's "
+                          f"max_seq_len={limit}; ask for fewer")
 
 
 def _generate(args) -> int:
@@ -13,14 +41,22 @@ def _generate(args) -> int:
     from mor_dist.inference.loading import load_for_inference
 
     torch.set_num_threads(args.threads) if args.threads else None
+    given = _token_ids(args.prompt) if args.ids else None  # flag mistakes before the (slow) load
     model, tok = load_for_inference(args.checkpoint, args.step)
     if args.ids:
-        prompt = [int(x) for x in args.prompt.split(",") if x.strip()]
+        prompt, vocab = given, model.cfg.vocab_size
+        bad = [i for i in prompt if not 0 <= i < vocab]
+        if bad:
+            raise ConfigError(f"--prompt: token id {bad[0]} is outside the model's vocabulary [0, {vocab}); "
+                              "fix the ids")
     elif tok is None:
-        print("mor generate: no tokenizer.json beside the checkpoint; pass token ids with --ids", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--prompt: {args.checkpoint} has no tokenizer.json beside it to encode text; pass token "
+                          "ids with --ids")
     else:
         prompt = tok.encode(args.prompt).ids
+    if not prompt:
+        raise ConfigError("--prompt: empty; give some text")
+    _check_fits(model, len(prompt), args.max_new_tokens, "--max-new-tokens")
     eos = tok.token_to_id("<|endoftext|>") if tok is not None else None
     temperature = 0.0 if args.greedy else args.temperature
     out = generate(model, prompt, args.max_new_tokens, temperature=temperature, eos=eos, seed=args.seed)
@@ -45,8 +81,11 @@ def _serve_bench(args) -> int:
 
     torch.set_num_threads(args.threads) if args.threads else None
     if bool(args.checkpoint) == bool(args.config):
-        print("mor serve-bench: give a checkpoint or --config (not both)", file=sys.stderr)
-        return 2
+        raise ConfigError("--config: give a checkpoint or --config, exactly one of them")
+    if args.device and not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise ConfigError(f"--device: {args.device!r} is not cpu or cuda[:N]; use one of those")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {args.device} but torch sees no CUDA device; use --device cpu")
     if args.checkpoint:
         model, _ = load_for_inference(args.checkpoint)
     else:
@@ -55,6 +94,7 @@ def _serve_bench(args) -> int:
 
         torch.manual_seed(args.seed)
         model = build_model(load_config(args.config, args.overrides)).eval()  # random weights
+    _check_fits(model, args.prompt_len, args.gen_len, "--prompt-len/--gen-len")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     prompts = synthetic_prompts(args.requests, args.prompt_len, model.cfg.vocab_size, args.seed)
@@ -71,13 +111,13 @@ def add_inference_parsers(sub) -> None:
     p.add_argument("checkpoint", help="export folder or run folder")
     p.add_argument("--prompt", required=True, help="text (or comma-separated token ids with --ids)")
     p.add_argument("--ids", action="store_true", help="--prompt holds token ids; print ids")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=flag_type(">= 1"), default=64)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default at temperature 0)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, help="run folder: checkpoint step (default: latest)")
+    p.add_argument("--temperature", type=flag_type(">= 0", float), default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--seed", type=flag_type(SEED), default=0)
+    p.add_argument("--step", type=flag_type(">= 0"), help="run folder: checkpoint step (default: latest)")
     p.add_argument("--stats", action="store_true", help="print depths and KV bytes per token to stderr")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=flag_type(">= 0"), default=0, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("serve-bench", help="synthetic requests through continuous depth-wise batching",
@@ -88,12 +128,12 @@ def add_inference_parsers(sub) -> None:
     p.add_argument("--config", help="YAML config for a random-weight model instead of a checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotlist override for --config, repeatable, e.g. --set model.recursions=4")
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--gen-len", type=int, default=64)
-    p.add_argument("--max-requests", type=int, default=16, help="concurrent requests (KV-cache rows)")
-    p.add_argument("--slots", type=int, default=0, help="shared-block slots (default: --max-requests)")
+    p.add_argument("--requests", type=flag_type(">= 1"), default=32)
+    p.add_argument("--prompt-len", type=flag_type(">= 1"), default=64)
+    p.add_argument("--gen-len", type=flag_type(">= 1"), default=64)
+    p.add_argument("--max-requests", type=flag_type(">= 1"), default=16, help="concurrent requests (KV-cache rows)")
+    p.add_argument("--slots", type=flag_type(">= 0"), default=0, help="shared-block slots (default: --max-requests)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=flag_type(SEED), default=0)
+    p.add_argument("--threads", type=flag_type(">= 0"), default=0)
     p.set_defaults(func=_serve_bench)

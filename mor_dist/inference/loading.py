@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mor_dist.training.checkpoint import CheckpointError
+from mor_dist.checkpoint import CheckpointError
 
 
 def load_for_inference(path: str | Path, step: int | None = None):

@@ -285,3 +285,9 @@ class MoRModel(nn.Module):
             self.token_router.update_bias(self.routing.bias_update_rate)
         elif self.token_router is not None:
             self.token_router.pending_load.zero_()
+
+    @torch.no_grad()
+    def discard_step(self) -> None:
+        """A step whose update was skipped (non-finite loss): forget its routing loads, count nothing."""
+        if self.token_router is not None:
+            self.token_router.pending_load.zero_()

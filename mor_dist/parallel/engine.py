@@ -128,7 +128,11 @@ def rank_bytes(engine) -> dict[str, int]:
 
 
 def save_engine(engine, folder) -> None:
-    """DeepSpeed checkpoint of any engine into `folder` (its name is the DeepSpeed tag)."""
+    """DeepSpeed checkpoint of any engine into `folder` (its name is the DeepSpeed tag), every file
+    written through our checksumming writer."""
+    from mor_dist.checkpoint import deepspeed_io
+
+    deepspeed_io.install(engine)
     # universal_checkpoint_info lets ds_to_universal reshard ZeRO-1/2 saves to another DP size.
     engine.save_checkpoint(
         str(folder.parent), tag=folder.name, client_state={"universal_checkpoint_info": {}}, save_latest=False
@@ -136,8 +140,15 @@ def save_engine(engine, folder) -> None:
 
 
 def load_engine(engine, folder) -> None:
-    path, _ = engine.load_checkpoint(
-        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    """Load a DeepSpeed checkpoint: engine files through our restricted reader, and DeepSpeed's own
+    direct torch.load calls (universal checkpoints) guarded the same way."""
+    from mor_dist.checkpoint import deepspeed_io
+    from mor_dist.checkpoint.safe_load import guarded_loads
+
+    deepspeed_io.install(engine)
+    with guarded_loads():
+        path, _ = engine.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}")

@@ -57,7 +57,7 @@ def run_world(fn, world: int, *args, timeout: float = 600.0) -> list:
             if ok:
                 import torch
 
-                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+                results[rank] = torch.load(io.BytesIO(value), weights_only=True)
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break  # the other ranks are likely stuck in a collective

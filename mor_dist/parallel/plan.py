@@ -33,9 +33,9 @@ OVERHEAD_FRACTION = 0.10
 
 
 def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read a size from {text!r} (e.g. 80GiB, 40GB, 512MiB)")
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"cannot read a size from {text!r}; give e.g. 80GiB, 40GB, 512MiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -170,7 +170,10 @@ def estimate(cfg, gpus: int) -> tuple[list[StageMemory], int]:
     p = cfg.parallel
     check_layout(cfg)
     if gpus % (p.tensor * p.pipeline):
-        raise ValueError(f"--gpus {gpus} is not divisible by parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline}")
+        from mor_dist.config import ConfigError
+
+        raise ConfigError(f"--gpus: {gpus} is not divisible by parallel.tensor={p.tensor} x parallel.pipeline="
+                          f"{p.pipeline}; give a multiple of {p.tensor * p.pipeline}")
     dp = gpus // (p.tensor * p.pipeline)
     # A plan is for GPU ranks: train.dtype=auto means bf16 there, whatever machine plans it.
     elem = 4 if cfg.train.dtype == "fp32" else 2
@@ -201,7 +204,7 @@ def run_plan(args) -> int:
     from mor_dist.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    budget = parse_bytes(args.gpu_mem)
+    budget = args.gpu_mem
     stages, dp = estimate(cfg, args.gpus)
     p = cfg.parallel
     sp = " (sequence parallel)" if p.sequence_parallel else ""
@@ -227,8 +230,10 @@ def add_plan_parser(subparsers) -> None:
     )
     p.add_argument("config", help="YAML config, e.g. configs/paper/1.7b/mor_nr3.yaml")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. parallel.tensor=2 parallel.zero_stage=2")
-    p.add_argument("--gpus", type=int, required=True, help="total ranks (tensor x data x pipeline)")
-    p.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB (default), 40GB")
+    from mor_dist.config import flag_type
+
+    p.add_argument("--gpus", type=flag_type(">= 1"), required=True, help="total ranks (tensor x data x pipeline)")
+    p.add_argument("--gpu-mem", type=parse_bytes, default="80GiB", help="memory per GPU, e.g. 80GiB (default), 40GB")
     p.set_defaults(func=run_plan)
 
 

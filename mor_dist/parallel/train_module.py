@@ -14,6 +14,7 @@ PipelineTrainModule of pipeline.py, which keeps the same contract.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -51,9 +52,10 @@ class TrainModule:
     def train_step(self, micro_batches, lr: float) -> dict:
         """Forward/backward over the micro-batches, then one optimizer step at lr.
 
-        A non-finite loss on any rank (with train.nan_policy=skip) turns the rest of the step into
-        zero-loss backward passes at lr 0: the weights do not move (AdamW with lr 0 leaves them as they
-        are, weight decay included); the trainer counts the step as skipped.
+        A non-finite loss on any rank (with train.nan_policy=skip) skips the update: the rest of the
+        step backpropagates NaN, which the optimizer's own overflow check turns into no step at all
+        (parameters, moments and step counts untouched, gradients cleared); a plain torch optimizer
+        (ZeRO stage 0, fp32) has no such check and is held back here. The trainer counts the step.
         """
         self.engine.train()
         for group in self.optimizer.param_groups:
@@ -62,22 +64,24 @@ class TrainModule:
         bad = False
         peak = 0
         device = self.engine.device
-        for tokens, targets in micro_batches:
+        for i, (tokens, targets) in enumerate(micro_batches):
             out = self.engine(tokens.to(device), targets.to(device))
-            finite = torch.tensor([1.0 if torch.isfinite(out.loss).item() else 0.0], device=comm_device())
-            if dist.get_world_size() > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            bad = bad or finite.item() == 0.0
+            if self.cfg.train.nan_policy == "skip":
+                finite = torch.tensor([1.0 if torch.isfinite(out.loss).item() else 0.0], device=comm_device())
+                if dist.get_world_size() > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                bad = bad or finite.item() == 0.0
+            loss = out.loss
             if bad:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = 0.0
-                loss = sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
-            else:
-                loss = out.loss
+                loss = torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * math.nan
             self.engine.backward(loss)
             if self.measure_bytes:
                 peak = max(peak, grad_bytes(self.engine))
-            self.engine.step()
+            if bad and i == len(micro_batches) - 1:
+                with _held_back(self.engine.optimizer):
+                    self.engine.step()
+            else:
+                self.engine.step()
             _accumulate(sums, out)
         if self.measure_bytes:
             self.last_rank_bytes = {**rank_bytes(self.engine), "grads": peak}
@@ -85,9 +89,12 @@ class TrainModule:
         metrics = self._mean_over_dp({k: v / n for k, v in sums.items()})
         if bad:
             metrics["loss"] = math.nan
-        self._after_step()
-        norm = self.engine.get_global_grad_norm()
-        metrics["grad_norm"] = float(norm) if norm is not None else None
+            self.model.discard_step()
+            metrics["grad_norm"] = None
+        else:
+            self._after_step()
+            norm = self.engine.get_global_grad_norm()
+            metrics["grad_norm"] = float(norm) if norm is not None else None
         metrics["skipped"] = bad
         return metrics
 
@@ -121,6 +128,22 @@ class TrainModule:
 
     def load(self, folder: Path) -> None:
         load_engine(self.engine, folder)
+
+
+@contextlib.contextmanager
+def _held_back(optimizer):
+    """A plain torch optimizer (no overflow check of its own) does not step inside the block, and
+    tells DeepSpeed's engine so (it counts a skipped step); ZeRO / bf16 optimizers skip by themselves
+    on the NaN gradients."""
+    if hasattr(optimizer, "overflow"):
+        yield
+        return
+    optimizer.step = lambda *args, **kwargs: None
+    optimizer.overflow = True
+    try:
+        yield
+    finally:
+        del optimizer.step, optimizer.overflow
 
 
 def grad_bytes(engine) -> int:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mor_dist.training.checkpoint import CheckpointError, CheckpointManager
+from mor_dist.checkpoint import CheckpointError, CheckpointManager
+from mor_dist.checkpoint.safe_load import guarded_loads, safe_load
 
 log = logging.getLogger("mor.export")
 
@@ -21,8 +22,9 @@ def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, di
     mgr = CheckpointManager(run_dir, keep_last=1)
     folder = mgr.latest() if step is None else mgr.root / mgr.step_name(step)
     if folder is None or not folder.is_dir():
-        raise CheckpointError(f"no checkpoint {'latest' if step is None else step} in {mgr.root}")
-    meta = mgr.verify(folder)
+        raise CheckpointError(f"{mgr.root}: no checkpoint {'latest' if step is None else step}; "
+                              f"train the run first, or pick one of {[p.name for p in mgr.step_folders()]}")
+    meta = mgr.verify(folder)  # every byte against its sha256 before anything is read
     par = meta.get("config", {}).get("parallel", {})
     tp, pp = par.get("tensor", 1), par.get("pipeline", 1)
     if tp > 1 or pp > 1:
@@ -35,11 +37,12 @@ def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, di
         from mor_dist.training.merge_shards import merge_parallel
 
         return merge_parallel(folder, tp, pp), meta, folder
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    with guarded_loads():  # DeepSpeed's reader calls torch.load itself
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     # Buffers that carry routing state (warmup counters, loss-free bias) sit beside the parameters.
     module_file = folder / "mp_rank_00_model_states.pt"
     if module_file.is_file():
-        saved = torch.load(module_file, map_location="cpu", weights_only=False)
+        saved = safe_load(module_file)
         for name in saved.get("buffer_names", []):
             if name in saved["module"]:
                 state[name] = saved["module"][name].float() if saved["module"][name].is_floating_point() else saved["module"][name]
@@ -84,16 +87,10 @@ def check_fits(state: dict, model, what: str) -> None:
 def load_initial_weights(model, folder: str | Path, rank: int = 0) -> None:
     """checkpoint.init_from: load an export folder's weights into a freshly built (not yet
     parallelized) model, checking names and shapes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint.init_from={folder}: {path} is missing (make it with `mor export RUN_DIR {folder}`)")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint.init_from: cannot read {path}: {e}") from None
+        raise CheckpointError(f"checkpoint.init_from: {path} is missing (make it with `mor export RUN_DIR -o {folder}`)")
+    state = read_safetensors(path)
     check_fits(state, model, f"checkpoint.init_from: {path} does not fit this config's model")
     state["train_step"] = torch.zeros_like(state["train_step"])  # a new run: warmups start over
     model.load_state_dict(state)
@@ -103,12 +100,25 @@ def load_initial_weights(model, folder: str | Path, rank: int = 0) -> None:
 
 def load_exported(path: str | Path):
     """The model of an export folder, in eval mode."""
-    from safetensors.torch import load_file
-
     from mor_dist.config import load_config
     from mor_dist.model import build_model
 
     path = Path(path)
     model = build_model(load_config(path / "config.yaml"))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    state = read_safetensors(path / "model.safetensors")
+    check_fits(state, model, f"{path / 'model.safetensors'}: does not fit {path / 'config.yaml'}")
+    model.load_state_dict(state)
     return model.eval()
+
+
+def read_safetensors(path: Path) -> dict:
+    """The tensors of an export, or a CheckpointError naming the file (missing, empty, truncated)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; export a run with `mor export RUN_DIR -o {path.parent}`")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); export the run again") from None

@@ -1,4 +1,10 @@
-"""`mor train`: config -> model -> parallelize -> data -> trainer, in that order."""
+"""`mor train`: config -> model -> parallelize -> data -> trainer, in that order.
+
+The run folder is only read until everything has loaded: the lock is taken, the config compared,
+the checkpoint to resume chosen and checked, the model, parallelism and data built, the checkpoint
+loaded. Only then is config.yaml written (and, for a new run, an earlier run's checkpoints set
+aside): a start that fails on the way leaves the folder as it found it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger("mor.train")
 
@@ -28,15 +35,32 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         root.addHandler(file)
 
 
+def on_rank0(rank: int, fn):
+    """fn() on rank 0, its result (or its exception) on every rank: no rank waits forever for a
+    rank 0 that refused to start."""
+    outcome = [None, None]
+    if rank == 0:
+        try:
+            outcome = [fn(), None]
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            outcome = [None, e]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
 def train(cfg, force: bool = False) -> int:
+    from mor_dist.checkpoint import CheckpointManager
     from mor_dist.data_pipeline.loader import build_loader
     from mor_dist.data_pipeline.manifest import load_manifest
     from mor_dist.model import build_model
     from mor_dist.parallel.dims import init_distributed
     from mor_dist.parallel.train_module import build_train_module
+    from mor_dist.run_folder import RunLock, check_config
     from mor_dist.training.export import load_initial_weights
-    from mor_dist.training.reshard import check_resume_layout, universal_source
-    from mor_dist.training.run_dir import prepare_run_dir
+    from mor_dist.training.reshard import check_resume_fits, universal_source
     from mor_dist.training.trainer import Trainer, grad_accum_steps
 
     dims = init_distributed(cfg.parallel)
@@ -46,51 +70,82 @@ def train(cfg, force: bool = False) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     run_dir = Path(cfg.logging.run_dir)
     setup_logging(run_dir, dims.rank)
-    # Before the run folder is touched: a checkpoint to resume must have this run's TP/PP sizes.
-    resuming = cfg.checkpoint.resume and check_resume_layout(run_dir, dims.tp, dims.pp) is not None
-    if dims.rank == 0:
-        prepare_run_dir(cfg, force)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no rank starts on a folder rank 0 refused
+    lock = RunLock(run_dir)  # held by rank 0 only; released (a no-op elsewhere) however training ends
+    on_rank0(dims.rank, lambda: lock.acquire() and None)
+    try:
+        config_changes = on_rank0(dims.rank, lambda: check_config(cfg, force))
+        grad_accum_steps(cfg, dims.dp)  # fail on a batch that does not split before building anything
 
-    grad_accum_steps(cfg, dims.dp)  # fail on a batch that does not split before building anything
-    # A checkpoint saved at another data-parallel size is loaded through a universal conversion.
-    universal = universal_source(run_dir, cfg.checkpoint.keep_last, dims.dp, dims.rank) if resuming else None
+        ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
+        resume_from, meta = None, None
+        if cfg.checkpoint.resume:
+            resume_from, meta, skipped = ckpt.resolve_resume()
+            for why in skipped if dims.rank == 0 else ():
+                log.warning("not resuming from a damaged checkpoint: %s", why)
+        if resume_from is not None:
+            check_resume_fits(resume_from, meta, cfg, dims)
+        # A checkpoint saved at another data-parallel size is loaded through a universal conversion.
+        universal = universal_source(resume_from, meta, dims) if resume_from is not None else None
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg)
-    if cfg.checkpoint.init_from and not resuming:
-        # Full weights before parallelize: every layout takes its shards from them.
-        load_initial_weights(model, cfg.checkpoint.init_from, dims.rank)
-    module = build_train_module(model, cfg, dims, load_universal=universal is not None)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg)
+        if cfg.checkpoint.init_from and resume_from is None:
+            # Full weights before parallelize: every layout takes its shards from them.
+            load_initial_weights(model, cfg.checkpoint.init_from, dims.rank)
+        module = build_train_module(model, cfg, dims, load_universal=universal is not None)
 
-    train_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "train", rank=dims.dp_rank, world_size=dims.dp)
-    val_loader = None
-    if cfg.train.eval_interval and load_manifest(cfg.data.dataset_dir).data["splits"].get("val", {}).get("samples"):
-        val_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "val", rank=dims.dp_rank, world_size=dims.dp)
-    elif cfg.train.eval_interval and dims.rank == 0:
-        log.warning("the dataset has no validation split: no evaluation (prepare with data.val_fraction > 0)")
-    tokenizer = _tokenizer(cfg)
-    vocab = tokenizer.get_vocab_size() if tokenizer else None
-    if vocab and vocab > cfg.model.vocab_size:
-        raise ValueError(
-            f"the dataset's tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size"
-        )
+        train_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "train", rank=dims.dp_rank,
+                                    world_size=dims.dp)
+        val_loader = None
+        if cfg.train.eval_interval and load_manifest(cfg.data.dataset_dir).data["splits"].get("val", {}).get("samples"):
+            val_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "val", rank=dims.dp_rank, world_size=dims.dp)
+        elif cfg.train.eval_interval and dims.rank == 0:
+            log.warning("the dataset has no validation split: no evaluation (prepare with data.val_fraction > 0)")
+        tokenizer = _tokenizer(cfg)
 
-    trainer = Trainer(cfg, dims, module, train_loader, val_loader, tokenizer, run_dir)
-    if dims.rank == 0:
-        log.info("run folder %s | world %d (dp %d, tp %d, pp %d) | %d micro-batches of %d per step",
-                 run_dir, dims.world, dims.dp, dims.tp, dims.pp, trainer.accum, cfg.train.micro_batch_size)
-    if not trainer.resume(universal) and dims.rank == 0:
+        trainer = Trainer(cfg, dims, module, train_loader, val_loader, tokenizer, run_dir)
+        if dims.rank == 0:
+            log.info("run folder %s | world %d (dp %d, tp %d, pp %d) | %d micro-batches of %d per step",
+                     run_dir, dims.world, dims.dp, dims.tp, dims.pp, trainer.accum, cfg.train.micro_batch_size)
+        if resume_from is not None:
+            trainer.resume(resume_from, meta, universal)
+        on_rank0(dims.rank, lambda: _commit_start(cfg, ckpt, config_changes, resume_from is not None))
+
+        code = trainer.fit()
+        if dims.rank == 0:
+            log.info("TensorBoard: tensorboard --logdir %s", run_dir / "tensorboard")
+        return code
+    finally:
+        lock.release()
+
+
+def _commit_start(cfg, ckpt, config_changes: list[str], resumed: bool) -> None:
+    """Everything loaded: the folder now belongs to this config."""
+    from mor_dist.run_folder import write_config
+
+    if not resumed:
+        aside = ckpt.set_aside()
+        if aside is not None:
+            log.warning("starting a new run in a folder with checkpoints: they are kept, moved to %s", aside)
         log.info("starting a new run")
-    code = trainer.fit()
-    if dims.rank == 0:
-        log.info("TensorBoard: tensorboard --logdir %s", run_dir / "tensorboard")
-    return code
+    if config_changes:
+        log.warning("--force: continuing with a changed config (the previous config.yaml is kept beside it):\n  %s",
+                    "\n  ".join(config_changes))
+    write_config(cfg, config_changes)
 
 
 def _tokenizer(cfg):
-    from tokenizers import Tokenizer
+    from mor_dist.data_pipeline.tokenizer import load_tokenizer
 
     path = Path(cfg.data.tokenizer or Path(cfg.data.dataset_dir) / "tokenizer.json")
-    return Tokenizer.from_file(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    tokenizer = load_tokenizer(path)
+    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        from mor_dist.config import ConfigError
+
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer ({path}: "
+            f"{tokenizer.get_vocab_size()} tokens); raise model.vocab_size"
+        )
+    return tokenizer

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from mor_dist.checkpoint.safe_load import safe_load
+
 log = logging.getLogger("mor.export")
 
 _COLUMN = ("attn.wq", "attn.wk", "attn.wv", "mlp.w_gate", "mlp.w_up")
@@ -52,7 +54,7 @@ def tp_split_dim(name: str) -> int | None:
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)
 
 
 def _add(out: dict, name: str, value, source: Path) -> None:
@@ -93,7 +95,7 @@ def _pipeline_rank_state(folder: Path, tp_rank: int) -> dict:
 
 def merge_parallel(folder: Path, tp: int, pp: int) -> dict:
     """fp32 state dict of the single-device model from a TP/PP checkpoint folder."""
-    from mor_dist.training.checkpoint import CheckpointError
+    from mor_dist.checkpoint import CheckpointError
 
     ranks = []
     for r in range(tp):

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from mor_dist.model.accounting import train_flops_per_token
 from mor_dist.parallel.dims import comm_device
-from mor_dist.training.checkpoint import CheckpointManager
+from mor_dist.checkpoint import CheckpointManager
 from mor_dist.training.schedule import lr_multiplier
 from mor_dist.training.signals import EXIT_PREEMPTED, PreemptionFlag
 from mor_dist.training.tb_logger import TensorBoardLogger
@@ -38,9 +38,11 @@ def grad_accum_steps(cfg, dp: int) -> int:
     t = cfg.train
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
-        raise ValueError(
-            f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x data-parallel size {dp}"
+        from mor_dist.config import ConfigError
+
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size} x data-parallel size {dp}; change it or train.micro_batch_size"
         )
     return t.global_batch_size // per_step
 
@@ -51,7 +53,7 @@ class Trainer:
         self.train_loader, self.val_loader, self.tokenizer = train_loader, val_loader, tokenizer
         self.run_dir = run_dir
         self.rank0 = dims.rank == 0
-        self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
         self.tb = TensorBoardLogger(run_dir / "tensorboard", cfg.logging.tensorboard and self.rank0)
         t = cfg.train
         self.accum = grad_accum_steps(cfg, dims.dp)
@@ -63,21 +65,17 @@ class Trainer:
         self.loss_ema = None
 
     # ------------------------------------------------------------------ resume / save
-    def resume(self, universal=None) -> bool:
-        """Continue from `latest`; model/optimizer from `universal` when the data-parallel size changed."""
-        latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
-        if latest is None:
-            return False
-        meta = self.ckpt.verify(latest)
-        self.module.load(universal or latest)
+    def resume(self, folder, meta: dict, universal=None) -> None:
+        """Continue from a checked checkpoint (CheckpointManager.resolve_resume); model/optimizer from
+        `universal` when the data-parallel size changed."""
+        self.module.load(universal or folder)
         self.train_loader.load_state_dict(meta["loader"])
-        self.ckpt.restore_rng(latest, meta)
+        self.ckpt.restore_rng(folder)
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.skipped_steps = meta.get("skipped_steps", 0)
         if self.rank0:
-            log.info("resumed from %s (step %d, %d tokens seen, saved by %d ranks)", latest, self.step,
+            log.info("resumed from %s (step %d, %d tokens seen, saved by %d ranks)", folder, self.step,
                      self.tokens_seen, meta["world_size"])
-        return True
 
     def save(self) -> None:
         t0 = time.time()

@@ -1,6 +1,12 @@
-import pytest
+import dataclasses
+import typing
+from pathlib import Path
 
-from mor_dist.config import ConfigError, load_config
+import pytest
+from omegaconf import OmegaConf
+
+from mor_dist.config import RANGES, ConfigError, MoRConfig, load_config, validate
+from mor_dist.config.validate import in_range
 
 TINY = "configs/tiny/mor.yaml"
 
@@ -54,3 +60,55 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_config(unknown)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def _numeric_keys(cls, prefix=""):
+    """Dotted names of every int/float (or list/optional of them) field of a config dataclass."""
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            yield from _numeric_keys(hint, f"{prefix}{name}.")
+        elif {int, float} & set(_leaf_types(hint)):
+            yield prefix + name
+
+
+def _leaf_types(hint):
+    args = typing.get_args(hint)
+    return [t for a in args for t in _leaf_types(a)] if args else [hint]
+
+
+def test_every_numeric_key_declares_a_range():
+    numeric = set(_numeric_keys(MoRConfig))
+    assert len(numeric) > 45 and numeric == set(RANGES), numeric ^ set(RANGES)
+    validate(OmegaConf.structured(MoRConfig))  # the defaults lie in their ranges
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").rglob("*.yaml")))
+def test_every_preset_is_valid(path):
+    load_config(path)
+
+
+def test_docs_list_every_range():
+    """docs/training.md's table says what RANGES checks, key by key."""
+    text = Path("docs/training.md").read_text()
+    for key, spec in RANGES.items():
+        assert f"| `{key}` | `{spec}` |" in text, key
+
+
+@pytest.mark.parametrize("value, spec, inside", [
+    (1, ">= 1", True), (0, ">= 1", False), (0.0, "> 0", False), (1e-12, "> 0", True),
+    (0, "[0, 1)", True), (1, "[0, 1)", False), (1, "(0, 1]", True), (0, "(0, 1]", False),
+    (3, "[0, 3]", True), (4, "[0, 3]", False), (float("nan"), ">= 0", False), (float("inf"), "> 0", False),
+    (True, ">= 0", False), ("1", ">= 0", False),
+])
+def test_in_range(value, spec, inside):
+    assert in_range(value, spec) is inside
+
+
+def test_duplicate_yaml_keys_are_refused_but_merge_keys_may_be_overridden(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  steps: 3\n  seed: 1\n  steps: 4\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: line 4: duplicate key 'steps' \(first set on line 2\)"):
+        load_config(dup)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(f"base: {Path(TINY).resolve()}\nmodel:\n  <<: {{d_ff: 256, n_layers: 8}}\n  d_ff: 320\n")
+    assert load_config(merged).model.d_ff == 320

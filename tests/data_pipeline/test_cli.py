@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mor_dist.data_pipeline.cli import add_data_parser
+from mor_dist.cli import main
 from mor_dist.data_pipeline.manifest import load_manifest
 from mor_dist.data_pipeline.tokenizer import file_fingerprint
 
@@ -15,10 +14,7 @@ REPO_CONFIG = str(Path(__file__).resolve().parents[2] / "configs/tiny/mor.yaml")
 
 
 def run(argv) -> int:
-    parser = argparse.ArgumentParser(prog="mor")
-    add_data_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main([str(a) for a in argv])
 
 
 def test_prepare_mixed_inputs_then_verify(tmp_path, capsys, text_files, tokenizer_file):
@@ -47,8 +43,8 @@ def test_prepare_mixed_inputs_then_verify(tmp_path, capsys, text_files, tokenize
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
-    assert run(["data", "prepare", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")]) == 1
-    assert "missing.txt: input file or directory does not exist" in capsys.readouterr().err
+    assert run(["data", "prepare", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"mor: {tmp_path / 'missing.txt'}: input file or directory does not exist\n"
 
 
 def test_tokenizer_command_with_config(tmp_path, capsys, text_files):

@@ -178,8 +178,12 @@ def test_corrupt_sample_is_named_when_read(dataset_copy, workers):
     ds = TokenDataset(dataset_copy)
     first = ds.shards[3]["first_key"]
     _poke(_shard(dataset_copy), _sample_offset(ds, 5) + 3, b"X")  # tar member name of sample 5
-    with pytest.raises(DataError, match=rf"train-000003\.tar: corrupt tar header at sample 5 \(key {first + 5:010d}\)"):
+    want = rf"train-000003\.tar: corrupt tar header at sample 5 \(key {first + 5:010d}\)"
+    with pytest.raises(DataError, match=want) as e:
         take(ds, None, batch=16, workers=workers, epochs=1, shuffle=False)
+    # From a worker too: the original error, file first, not torch's "Caught DataError ... Traceback".
+    assert str(e.value).startswith(str(_shard(dataset_copy))) and "Traceback" not in str(e.value)
+    assert e.value.path == str(_shard(dataset_copy))
 
 
 def test_out_of_vocabulary_ids_are_corruption(dataset_copy):

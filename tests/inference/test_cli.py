@@ -44,3 +44,20 @@ def test_serve_bench_random_weights(capsys):
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["generated"] == 16 and res["tokens_per_s"] > 0 and len(res["depth_hist"]) == 4
+
+
+def test_damaged_export_is_refused_in_one_line(tmp_path, capsys):
+    export_folder(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    for damage in (data[: len(data) // 2], b""):
+        weights.write_bytes(damage)
+        assert main(["generate", str(tmp_path), "--ids", "--prompt", "5,6"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mor: {weights}: not a readable safetensors file") and err.count("\n") == 1, err
+    # Weights of another shape than config.yaml says: named, not a size-mismatch traceback.
+    weights.write_bytes(data)
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config("configs/tiny/mor.yaml", ["model.d_model=64"])))
+    assert main(["generate", str(tmp_path), "--ids", "--prompt", "5,6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mor: {weights}: does not fit {tmp_path / 'config.yaml'}") and "other shapes" in err, err

@@ -84,3 +84,22 @@ def submit(config: str, overrides: list[str], *flags: str) -> str:
     run_dir = Path(next(o for o in overrides if o.startswith("logging.run_dir=")).split("=", 1)[1])
     assert main(["submit", config, *overrides, *flags]) == 0
     return read_jobs(run_dir)[-1]["job_id"]
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    """`mor ARGV` in this process: exit code, stdout, stderr."""
+    from mor_dist.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """A `mor` command that must fail on a user mistake: exit 2, one line on stderr, no traceback."""
+    rc, out, err = run_cli(capsys, argv)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, (rc, out, err)
+    return err

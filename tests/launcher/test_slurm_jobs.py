@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
@@ -93,10 +94,10 @@ def test_failing_job_reports_a_clear_error(slurm_cluster, tiny_dataset, tmp_path
     info = wait_for(job)
     log = (run_dir / "slurm" / f"job-{job}.log").read_text()
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, log[-3000:])
-    assert "mor: DataError" in log and str(missing) in log and "training failed with exit code 2" in log
+    assert f"mor: {missing}: " in log and "training failed with exit code 2" in log  # mor's one-line error
     st = mor_status(run_dir)
     assert st.returncode == 1
-    assert f"{job}  FAILED  exit 2:0" in st.stdout and "mor: DataError" in st.stdout, st.stdout
+    assert f"{job}  FAILED  exit 2:0" in st.stdout and f"mor: {missing}: " in st.stdout, st.stdout
 
 
 def test_requeue_limit_stops_the_loop_and_a_chained_job_continues(slurm_cluster, tiny_dataset, tmp_path):
@@ -117,3 +118,36 @@ def test_requeue_limit_stops_the_loop_and_a_chained_job_continues(slurm_cluster,
     log = (run_dir / "slurm" / f"job-{second}.log").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step_" in log and "done: 12 steps" in log
+
+
+def test_sbatch_reads_each_quoted_value_as_given(slurm_cluster, tmp_path, capsys):
+    """What sbatch itself parses out of the rendered #SBATCH lines (its own quoting, not bash's)."""
+    from tests.launcher.conftest import run_cli
+
+    odd = "it's \"odd\" #1 $(x) \\y"
+    run_dir = tmp_path / "a run %j"
+    rc, script, err = run_cli(capsys, ["submit", CONFIG, f"logging.run_dir={run_dir}", f"--job-name={odd}",
+                                       f"--sbatch=--comment={odd}", "--dry-run"])
+    assert rc == 0, err
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    r = subprocess.run(["sbatch", "-vv", "--test-only", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    parsed = dict(re.findall(r"^sbatch: (job-name|comment|output)\s+: (.*)$", r.stderr, re.M))
+    assert parsed == {"job-name": odd, "comment": odd, "output": f"{tmp_path}/a run %%j/slurm/job-%j.log"}, r.stderr
+
+
+def test_run_dir_with_a_space_trains_end_to_end(slurm_cluster, tiny_dataset, tmp_path):
+    # The space must reach sbatch's --output quoted; the '%j' of the folder's name must stay literal.
+    run_dir = tmp_path / "my run %j"
+    job = submit(CONFIG, tiny_overrides(tiny_dataset, run_dir, train__steps=3, train__eval_interval=0),
+                 "--cpus-per-task=1")
+    info = wait_for(job)
+    log_file = run_dir / "slurm" / f"job-{job}.log"
+    assert log_file.is_file(), (info, sorted(map(str, tmp_path.rglob("*.log"))))
+    log = log_file.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert f"run {run_dir}" in log and "done: 3 steps" in log, log[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    st = mor_status(run_dir)
+    assert st.returncode == 0 and f"{job}  COMPLETED" in st.stdout, st.stdout + st.stderr

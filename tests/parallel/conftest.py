@@ -39,7 +39,7 @@ WORLD4_CASES = [
     ("mor", ("parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true")),
 ]
 
-CKPT_CASES = [("parallel.zero_stage=2",), ("parallel.pipeline=2",), ("parallel.tensor=2",)]
+CKPT_CASES = [("parallel.zero_stage=2",), ("parallel.zero_stage=3",), ("parallel.pipeline=2",), ("parallel.tensor=2",)]
 
 
 def world2_jobs(folder):

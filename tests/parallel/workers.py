@@ -123,6 +123,8 @@ def ckpt_cases(cases, folder):
         train_losses(module, cfg, dims, steps=2)
         where = Path(folder) / f"case{i}" / "step2"
         module.save(where)
+        dist.barrier()
+        unsafe = sorted({g for f in where.rglob("*.pt") for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(f))})
         after = module.train_step(rank_share(step_batches(cfg, 2), dims.dp, dims.dp_rank), cfg.optim.lr)["loss"]
         torch.manual_seed(99)
         fresh_model = build_model_like(cfg)
@@ -130,7 +132,7 @@ def ckpt_cases(cases, folder):
         fresh.load(where)
         counter = int(fresh_model.train_step)
         resumed = fresh.train_step(rank_share(step_batches(cfg, 2), dims.dp, dims.dp_rank), cfg.optim.lr)["loss"]
-        results[overrides] = {"after": after, "resumed": resumed, "counter": counter}
+        results[overrides] = {"after": after, "resumed": resumed, "counter": counter, "unsafe_globals": unsafe}
     return results
 
 
@@ -138,3 +140,58 @@ def build_model_like(cfg):
     from mor_dist.model import build_model
 
     return build_model(cfg)  # seeded by the caller differently from model_for: loading must matter
+
+
+def _plain(x):
+    """A copy of nested state made of tensors, numbers, strings, lists and dicts only."""
+    if torch.is_tensor(x):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if x is None or type(x) in (bool, int, float, str):  # not an int-valued Enum
+        return x
+    return repr(vars(x)) if hasattr(x, "__dict__") else repr(x)
+
+
+def _snapshot(module):
+    """Everything an update could move: weights and buffers, the optimizer's whole state, counters."""
+    optimizer = _plain(module.engine.optimizer.state_dict())
+    optimizer.pop("overflow", None)  # ZeRO's flag "the last step overflowed": a report, not a state
+    import deepspeed
+
+    # ZeRO-3 holds each parameter as a partition: gather the whole weights to compare them.
+    with deepspeed.zero.GatheredParameters(list(module.model.parameters()),
+                                           enabled=module.engine.zero_optimization_stage() == 3):
+        model = _plain(module.model.state_dict())
+    return {"model": model, "optimizer": optimizer}
+
+
+def nan_skip_cases(cases):
+    """Per case: a good step, then a step whose 2nd micro-batch has a NaN loss (nan_policy=skip),
+    then another good step. Returns the state before/after the skipped step and the metrics."""
+    from mor_dist.parallel.train_module import build_train_module
+
+    results = {}
+    for name, overrides in cases:
+        cfg = config(name, ["train.nan_policy=skip", *overrides])
+        dims = _dims(cfg)
+        module = build_train_module(model_for(cfg), cfg, dims)
+        train_losses(module, cfg, dims, steps=1)
+        before = _snapshot(module)
+        calls = []
+
+        def poison(mod, args, out):
+            calls.append(1)
+            return out * float("nan") if len(calls) == 2 else out
+
+        hook = module.model.norm.register_forward_hook(poison)
+        skipped = module.train_step(rank_share(step_batches(cfg, 1), dims.dp, dims.dp_rank), cfg.optim.lr)
+        hook.remove()
+        after = _snapshot(module)
+        good = module.train_step(rank_share(step_batches(cfg, 2), dims.dp, dims.dp_rank), cfg.optim.lr)
+        moved = _snapshot(module)
+        results[(name, overrides)] = {"before": before, "after": after, "moved": moved, "skipped": skipped,
+                                      "good": good}
+    return results

@@ -4,7 +4,7 @@ single-process run's model computes."""
 import pytest
 import torch
 
-from mor_dist.training.checkpoint import CheckpointError
+from mor_dist.checkpoint import CheckpointError
 from tests.training.conftest import run_mor, tiny_overrides
 
 CONFIG = "configs/tiny/mor.yaml"

@@ -6,6 +6,7 @@ import sys
 import textwrap
 import time
 
+from mor_dist.checkpoint.safe_load import safe_load
 from tests.conftest import REPO
 from tests.training.conftest import mor_env, run_mor, tb_scalars, tiny_overrides
 
@@ -41,7 +42,7 @@ def test_signal_checkpoints_and_exits_for_requeue(tiny_dataset, tmp_path):
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys, torch
     from pathlib import Path
-    from mor_dist.training.checkpoint import CheckpointManager
+    from mor_dist.checkpoint import CheckpointManager
     m = CheckpointManager(sys.argv[1], keep_last=2)
     m.save(1, {"tokens_seen": 1}, lambda d: torch.save({"w": torch.ones(3)}, d / "model.pt"))
     def half_written(d):
@@ -55,7 +56,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 def test_kill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)], cwd=REPO, env=mor_env())
     assert r.returncode == -signal.SIGKILL
-    from mor_dist.training.checkpoint import CheckpointManager
+    from mor_dist.checkpoint import CheckpointManager
 
     m = CheckpointManager(tmp_path, keep_last=2)
     latest = m.latest()
@@ -89,5 +90,5 @@ def test_nan_loss_stops_with_the_step_or_is_skipped(tiny_dataset, tmp_path):
     assert skipped == {1: 1, 2: 2, 3: 3, 4: 4} and "update skipped" in r.stdout, time.time() - t0
     import torch
 
-    state = torch.load(skip / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
+    state = safe_load(skip / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt")
     assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())

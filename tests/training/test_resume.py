@@ -5,6 +5,7 @@ import shutil
 
 import torch
 
+from mor_dist.checkpoint.safe_load import safe_load
 from tests.training.conftest import run_mor, tb_scalars, tiny_overrides
 
 CONFIG = "configs/tiny/mor.yaml"
@@ -23,7 +24,7 @@ def _interrupt_after(src, dst, step):
 
 def _model_states(run_dir, step):
     path = run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
-    return torch.load(path, weights_only=False)["module"]
+    return safe_load(path)["module"]
 
 
 def test_exact_resume_tensorboard_and_bad_checkpoints(tiny_dataset, tmp_path):
