@@ -4,11 +4,13 @@ The Triton kernel modules (attention_fwd, attention_bwd) are imported at the fir
 here, so importing this package neither needs a GPU nor fixes Triton's interpreter mode.
 """
 
+from .paged import paged_attention
 from .reference import routed_attention_reference, routed_attention_varlen_reference
 from .routed_attention import attention_backend, routed_attention, routed_attention_varlen
 
 __all__ = [
     "attention_backend",
+    "paged_attention",
     "routed_attention",
     "routed_attention_reference",
     "routed_attention_varlen",

@@ -207,7 +207,7 @@ def test_duplicate_key_names_both_lines(bad_yaml, capsys):
     (["serve-bench", "--config", TINY, "--gen-len", "0"], "--gen-len"),
     (["serve-bench", "--config", TINY, "--prompt-len", "-1"], "--prompt-len"),
     (["serve-bench", "--config", TINY, "--max-requests", "0"], "--max-requests"),
-    (["serve-bench", "--config", TINY, "--slots", "-1"], "--slots"),
+    (["serve-bench", "--config", TINY, "--page-size", "0"], "--page-size"),
     (["serve-bench"], "--config"),
     (["serve-bench", "--config", TINY, "--device", "tpu"], "--device"),
     (["serve-bench", "--config", TINY, "--set", "optim.lr=-1"], "optim.lr"),

@@ -1,7 +1,6 @@
-"""Inference for MoR models: KV caches per recursion depth, cached decoding, depth-wise batching."""
+"""Inference: paged KV caches per recursion depth, the continuous depth-wise batching engine, decoding."""
 
-from mor_dist.inference.batcher import DepthWiseBatcher, Request
-from mor_dist.inference.decode import forward_chunk, generate
-from mor_dist.inference.kv_cache import CacheView, KVStore, ModelKVCache
+from mor_dist.inference.decode import generate
+from mor_dist.inference.engine import Request, ServingEngine
 
-__all__ = ["CacheView", "DepthWiseBatcher", "KVStore", "ModelKVCache", "Request", "forward_chunk", "generate"]
+__all__ = ["Request", "ServingEngine", "generate"]

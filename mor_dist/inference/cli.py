@@ -77,7 +77,7 @@ def _serve_bench(args) -> int:
     import torch
 
     from mor_dist.inference.loading import load_for_inference
-    from mor_dist.inference.serve_bench import serve, synthetic_prompts
+    from mor_dist.inference.serve_bench import serve
 
     torch.set_num_threads(args.threads) if args.threads else None
     if bool(args.checkpoint) == bool(args.config):
@@ -97,8 +97,8 @@ def _serve_bench(args) -> int:
     _check_fits(model, args.prompt_len, args.gen_len, "--prompt-len/--gen-len")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    prompts = synthetic_prompts(args.requests, args.prompt_len, model.cfg.vocab_size, args.seed)
-    res = serve(model, prompts, args.gen_len, args.slots or args.max_requests, args.max_requests)
+    res = serve(model, args.max_requests, args.requests, args.prompt_len, args.gen_len, args.seed,
+                kv=args.kv, page_size=args.page_size, prefill_tokens=args.prefill_tokens)
     res["device"] = device
     print(json.dumps(res, indent=1))
     return 0
@@ -121,9 +121,11 @@ def add_inference_parsers(sub) -> None:
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("serve-bench", help="synthetic requests through continuous depth-wise batching",
-                       description="Serves --requests synthetic prompts with the depth-wise batcher and prints "
-                       "tokens/s, slot fill, recursion depths and KV-cache bytes per token as JSON. Give a "
-                       "checkpoint, or --config for random weights (throughput only).")
+                       description="Serves --requests synthetic prompts (a closed loop: one arrives as one "
+                       "finishes) through the engine and prints, as JSON, steady-state decode and prefill "
+                       "tokens/s (CPU process time on CPU), TTFT and inter-token latency (p50/p99), block "
+                       "fill, recursion depths and KV-cache bytes per token. Give a checkpoint, or --config "
+                       "for random weights (throughput only).")
     p.add_argument("checkpoint", nargs="?", help="export folder or run folder")
     p.add_argument("--config", help="YAML config for a random-weight model instead of a checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -131,8 +133,11 @@ def add_inference_parsers(sub) -> None:
     p.add_argument("--requests", type=flag_type(">= 1"), default=32)
     p.add_argument("--prompt-len", type=flag_type(">= 1"), default=64)
     p.add_argument("--gen-len", type=flag_type(">= 1"), default=64)
-    p.add_argument("--max-requests", type=flag_type(">= 1"), default=16, help="concurrent requests (KV-cache rows)")
-    p.add_argument("--slots", type=flag_type(">= 0"), default=0, help="shared-block slots (default: --max-requests)")
+    p.add_argument("--max-requests", type=flag_type(">= 1"), default=16,
+                   help="concurrent requests: engine rows (a KV-cache row and a shared-block slot each)")
+    p.add_argument("--kv", choices=("recursion_wise", "share"), help="KV cache (default: the model's kv.strategy)")
+    p.add_argument("--page-size", type=flag_type(">= 1"), default=16, help="KV-cache page size in tokens")
+    p.add_argument("--prefill-tokens", type=flag_type(">= 1"), default=256, help="prompt tokens prefilled per tick")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=flag_type(SEED), default=0)
     p.add_argument("--threads", type=flag_type(">= 0"), default=0)

@@ -1,10 +1,20 @@
-"""Serving measurement: synthetic requests through the depth-wise batcher, tokens/s and KV bytes."""
+"""Serving measurement: a closed loop of synthetic requests through the engine, in steady state.
+
+Closed loop: a new request arrives as soon as one finishes, so the engine's rows stay full. The
+measured window excludes the warm-up (until as many requests as rows have finished) and the drain
+(once no request waits). Decode and prefill are timed apart (the engine times the prefill part of
+each tick); TTFT is from a request's admission to its first token, ITL the gap between its tokens,
+both on the engine clock (CPU process time on CPU, wall time on a GPU).
+"""
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
-from .batcher import DepthWiseBatcher
+from .engine import ServingEngine
 
 
 def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -14,45 +24,130 @@ def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> lis
     return [torch.randint(2, vocab, (m,), generator=g).tolist() for m in lens]
 
 
-@torch.no_grad()
-def serve(model, prompts: list[list[int]], gen_len: int, slots: int, max_requests: int, kv: str | None = None) -> dict:
-    """Serve every prompt for gen_len new tokens (no EOS); throughput and cache figures."""
-    batcher = DepthWiseBatcher(model, slots=slots, max_requests=max_requests, kv=kv)
-    for p in prompts:
-        batcher.submit(p, gen_len)
-    done = batcher.run()
-    st = batcher.stats
-    new_depths = [d for r in done.values() for d in r.depths[len(r.prompt):]]
-    nr = model.layout.recursions
-    hist = [new_depths.count(i) / max(len(new_depths), 1) for i in range(nr + 1)]
-    lay = model.layout
-    per_layer = batcher.cache.prefix[0].entry_bytes() if batcher.cache.prefix else batcher.cache.shared[0].entry_bytes()
-    return {
-        "requests": len(prompts),
-        "generated": st["generated"],
-        "seconds": st["seconds"],
-        "tokens_per_s": st["generated"] / st["seconds"],
-        "ticks": st["ticks"],
-        # Mean occupancy of the shared block's slots over the ticks that ran it.
-        "slot_fill": st["slot_steps"] / max(st["ticks"], 1) / max(slots, 1) if nr else None,
-        "peak_kv_bytes": st["peak_kv_bytes"],
-        "kv_bytes_per_token": kv_bytes_per_token(model, batcher.cache.kv, new_depths),
-        "vanilla_same_depth_kv_bytes_per_token": lay.effective_depth * per_layer,
-        "depth_hist": hist,
-    }
+def default_clock(device) -> callable:
+    return time.perf_counter if torch.device(device).type == "cuda" else time.process_time
 
 
-def kv_bytes_per_token(model, kv: str, depths: list[int]) -> float:
-    """Cache bytes a token holds on average given the depths tokens reached (1 entry = K and V of one
-    token at one layer call site): unique layers always, shared layers per depth reached
-    (recursion-wise) or once if it reached recursion 1 (sharing)."""
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+class ClosedLoop:
+    """One engine kept full of synthetic requests: prompts of prompt_len/2..prompt_len tokens,
+    gen_len/2..gen_len new tokens each (seeded), no EOS."""
+
+    def __init__(self, model, rows: int, prompt_len: int, gen_len: int, seed: int = 0, total: int | None = None,
+                 **engine_kwargs):
+        engine_kwargs.setdefault("clock", default_clock(model.embed.weight.device))
+        self.engine = ServingEngine(model, rows, **engine_kwargs)
+        self.model, self.rows = model, rows
+        self.prompt_len, self.gen_len = prompt_len, gen_len
+        self.g = torch.Generator().manual_seed(seed)
+        self.vocab, self.total, self.submitted = model.cfg.vocab_size, total, 0
+        self.window = {"ticks": 0, "decode_s": 0.0, "prefill_s": 0.0, "generated": 0, "prefill_tokens": 0}
+        self.measured: set[int] = set()  # requests admitted inside a measured window
+        for _ in range(rows + 1):  # every row busy, and one waiting
+            self._submit()
+
+    def _submit(self) -> None:
+        if self.total is not None and self.submitted >= self.total:
+            return
+        self.submitted += 1
+        n = int(torch.randint(max(1, self.prompt_len // 2), self.prompt_len + 1, (), generator=self.g))
+        gen = int(torch.randint(max(1, self.gen_len // 2), self.gen_len + 1, (), generator=self.g))
+        self.engine.submit(torch.randint(2, self.vocab, (n,), generator=self.g).tolist(), gen)
+
+    def steady(self) -> bool:
+        """Every row busy with a request queued behind them."""
+        return bool(self.engine.waiting)
+
+    def warm_up(self) -> None:
+        """Until as many requests as rows have finished (rows admitted at different times since)."""
+        while len(self.engine.finished) < self.rows:
+            self.step(measure=False)
+
+    def step(self, measure: bool = True) -> dict:
+        e = self.engine
+        done_before = len(e.finished)
+        e.tick()
+        for _ in range(len(e.finished) - done_before):  # closed loop: one arrives per one finished
+            self._submit()
+        t = e.last_tick
+        if measure:
+            for k in ("decode_s", "prefill_s", "generated", "prefill_tokens"):
+                self.window[k] += t[k]
+            self.window["ticks"] += 1
+            self.measured.update(r.id for r in e.row_req if r is not None)
+        return t
+
+    def run_round(self, ticks: int) -> dict:
+        """`ticks` measured ticks; the round's decode and prefill throughput."""
+        got = {"decode_s": 0.0, "prefill_s": 0.0, "generated": 0, "prefill_tokens": 0}
+        for _ in range(ticks):
+            t = self.step()
+            for k in got:
+                got[k] += t[k]
+        return {"decode_tokens_per_s": got["generated"] / got["decode_s"] if got["decode_s"] else None,
+                "prefill_tokens_per_s": got["prefill_tokens"] / got["prefill_s"] if got["prefill_s"] else None,
+                **got}
+
+    def summary(self) -> dict:
+        """Latencies and depths of the requests finished among those measured, cache figures."""
+        e, nr = self.engine, self.model.layout.recursions
+        done = [r for i, r in e.finished.items() if i in self.measured]
+        ttft = [r.token_times[0] - r.admitted for r in done if r.token_times and r.admitted is not None]
+        itl = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])]
+        new_depths = [d for r in done for d in r.depths[len(r.prompt) - 1:]]
+        w = self.window
+        return {
+            "rows": self.rows,
+            "requests_finished": len(e.finished),
+            "measured_ticks": w["ticks"],
+            "decode_tokens_per_s": w["generated"] / w["decode_s"] if w["decode_s"] else None,
+            "prefill_tokens_per_s": w["prefill_tokens"] / w["prefill_s"] if w["prefill_s"] else None,
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+            "depth_hist": [new_depths.count(i) / max(len(new_depths), 1) for i in range(nr + 1)],
+            "kv_bytes_per_token": kv_bytes_per_token(self.model, e.cache, new_depths),
+            "peak_kv_bytes": e.stats["peak_kv_bytes"],
+            "block_fill": e.stats["block_rows"] / max(e.stats["ticks"], 1) / self.rows if nr else None,
+            "preemptions": e.stats["preemptions"],
+        }
+
+
+def kv_bytes_per_token(model, cache, depths: list[int]) -> float:
+    """K/V bytes one token leaves in the caches, from the depths tokens took: every unique layer,
+    plus per shared layer one entry per depth reached (recursion-wise) or one if it reached
+    recursion 1 (sharing)."""
     lay = model.layout
-    attn = (list(model.prefix) + list(model.shared) + list(model.suffix))[0].attn
-    entry = 2 * attn.wk.out_features * attn.wk.weight.element_size()
     if not depths:
-        return float(lay.prefix + lay.suffix) * entry
-    if kv == "recursion_wise":
+        return 0.0
+    if cache.kv == "recursion_wise":
         shared = lay.block * sum(depths) / len(depths)
     else:
         shared = lay.block * sum(d >= 1 for d in depths) / len(depths)
-    return (lay.prefix + lay.suffix + shared) * entry
+    return (lay.prefix + lay.suffix + shared) * cache.entry_bytes()
+
+
+@torch.no_grad()
+def serve(model, rows: int, requests: int, prompt_len: int, gen_len: int, seed: int = 0, **engine_kwargs) -> dict:
+    """`mor serve-bench`: `requests` requests (at least rows + 1) through `rows` rows in a closed
+    loop; figures from the steady state (after the warm-up, while requests wait)."""
+    loop = ClosedLoop(model, rows, prompt_len, gen_len, seed, total=max(requests, rows + 1), **engine_kwargs)
+    loop.warm_up()
+    while loop.steady():
+        loop.step()
+    steady = loop.window["ticks"] > 0
+    while not steady and loop.engine.busy():  # too few requests for a steady state: measure the drain
+        loop.step()
+    return {**loop.summary(), "steady_state": steady}
+
+
+def median_spread(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}

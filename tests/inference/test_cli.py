@@ -39,11 +39,17 @@ def test_generate_needs_tokenizer_or_ids(tmp_path, capsys):
 
 
 def test_serve_bench_random_weights(capsys):
-    args = ["serve-bench", "--config", "configs/tiny/mor.yaml", "--requests", "4", "--prompt-len", "8",
-            "--gen-len", "4", "--max-requests", "2", "--device", "cpu"]
+    args = ["serve-bench", "--config", "configs/tiny/mor.yaml", "--requests", "12", "--prompt-len", "8",
+            "--gen-len", "6", "--max-requests", "2", "--device", "cpu"]
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["generated"] == 16 and res["tokens_per_s"] > 0 and len(res["depth_hist"]) == 4
+    assert res["requests_finished"] >= 12 - 2 and res["steady_state"] and res["measured_ticks"] > 0
+    assert res["decode_tokens_per_s"] > 0 and res["prefill_tokens_per_s"] > 0 and len(res["depth_hist"]) == 4
+    assert res["ttft_p50_s"] <= res["ttft_p99_s"] and res["itl_p50_s"] <= res["itl_p99_s"]
+    # Too few requests for a steady state: the whole run is measured, and said so.
+    assert main([*args[:4], "2", *args[5:]]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert not res["steady_state"] and res["requests_finished"] == 3
 
 
 def test_damaged_export_is_refused_in_one_line(tmp_path, capsys):

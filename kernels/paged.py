@@ -1,0 +1,42 @@
+"""Attention over a paged KV cache (inference), torch path.
+
+The cache of one attention call site is a pool of fixed-size pages, `k_pool, v_pool: (pages, P, Hkv,
+D)`, with the original position of every entry in `pos_pool: (pages, P)`. A row (a request, or a
+(request, depth) pair under recursion-wise caching) owns a list of pages, `table: (rows, max_pages)`,
+and `length: (rows,)` entries in them. Attention of n query rows reads the first `width` pages of
+each row, causal by original position, with the entries past the row's length masked out.
+
+On CPU the pages are gathered into one (n, Hkv, width * P, D) block per call and handed to
+scaled_dot_product_attention; the pool itself is never copied or resized.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def paged_attention(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    pos_pool: torch.Tensor,
+    pages: torch.Tensor,
+    length: torch.Tensor,
+) -> torch.Tensor:
+    """q: (n, Hq, t, D) at original positions q_pos (n, t); pages: (n, W) page ids of each query row's
+    first W pages; length: (n,) valid entries of each row. Key j of a row is visible to query i iff
+    j < length and its position <= q_pos[i]. A query that sees no key gets finite garbage (callers
+    mask such rows). Returns (n, Hq, t, D)."""
+    n, w = pages.shape
+    p = k_pool.shape[1]
+    k = k_pool[pages].view(n, w * p, *k_pool.shape[2:]).transpose(1, 2)  # (n, Hkv, W*P, D)
+    v = v_pool[pages].view(n, w * p, *v_pool.shape[2:]).transpose(1, 2)
+    k_pos = pos_pool[pages].view(n, w * p)
+    k_valid = torch.arange(w * p, device=length.device)[None, :] < length[:, None]
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # (n, t, W*P)
+    # A row with no visible key would give NaN (softmax over nothing): let it see everything instead.
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
+                                          enable_gqa=q.shape[1] != k.shape[1])
