@@ -1,31 +1,38 @@
-"""MoR serving throughput with continuous depth-wise batching, against vanilla baselines, in one run.
+"""MoR serving against vanilla, in steady state, measured side by side in one run.
 
-    python bench/inference.py [--d-model 256] [--depth 14] [--gen-len 64] [--device cpu|cuda]
+    python bench/inference.py [--quick] [--json] [--d-model 1024] [--batch 32] [--kv-batch 8]
 
 Models (random weights, Llama shapes; MoR is Middle-Cycle 1 + B x Nr + 1, expert-choice):
-- MoR Nr=2/3/4 with recursion-wise caching, effective depth --depth;
-- vanilla of the same effective depth (--depth unique layers);
-- vanilla of the same parameter count as each MoR (its unique layers: 2 + B).
-Untrained routers would keep about half the tokens at every step. They get a bias, calibrated on
-random prompts, so that the fraction of tokens reaching depth r is the paper's capacity
-(Nr - r + 1) / Nr (1, 2/3, 1/3 for Nr=3) -- a stand-in for a trained router's decisions; the depths
-actually taken while decoding are measured and printed.
+- vanilla of the same effective depth (--depth unique layers), the reference of every ratio;
+- vanilla with the parameters of each MoR (its unique layers, 2 + B);
+- MoR Nr = 2, 3, 4, each with recursion-wise caching (rw) and recursive KV sharing (share).
+Untrained expert routers keep about half the tokens at every step; each gets a bias so that
+(Nr - r + 1) / Nr of tokens reach depth r (1, 2/3, 1/3 for Nr = 3): a stand-in for trained routers.
+The biases are calibrated on sequences the model decodes itself (sampling at temperature 1, as the
+benchmark does), on the generated positions; the depths actually taken are measured and printed.
 
-Every model is served by the same engine (DepthWiseBatcher; for vanilla it is request-level
-continuous batching), with greedy decoding of --gen-len tokens per request, prompts of
---prompt-len/2..--prompt-len tokens, and throughput = generated tokens / wall time (prefill included).
-Two settings: a fixed batch (--batch concurrent requests = shared-block slots) and each model's
-maximum batch under a memory budget = weights + KV cache, the budget set so that the same-depth
-vanilla model fits --batch requests of full length. KV bytes count stored entries (a paged
-allocator's footprint), from the depths measured in the fixed-batch run.
+Workload: a closed loop (a request arrives as one finishes) of prompts of prompt_len/2..prompt_len
+tokens and gen_len/2..gen_len new tokens, at least --requests-per-row x rows requests per model.
+The warm-up (until as many requests as rows have finished) and the drain are not measured. Models
+take turns: rounds of --round-ticks engine ticks, model after model, repeated; each round gives a
+decode throughput (tokens / decode time of the round), reported as median [min-max] over rounds.
+Time is CPU process time on CPU (robust to other load on a shared machine; --threads 1 by default),
+wall time on a GPU. Prefill is timed apart (chunked prefill rides in the same ticks).
 
-Also printed: KV-cache bytes per token of vanilla, recursion-wise caching and KV sharing, measured by
-filling the caches with prompts, against the paper's (Nr+1)/(2Nr) and 1/Nr for the recursion layers.
+Two settings: a fixed batch (--batch rows for every model), and an equal KV-cache budget: the bytes
+the same-depth vanilla's cache holds at --kv-batch rows of full length (K/V only, weights not
+counted); each model gets as many rows as its measured KV bytes per token allow, and its page pool
+is capped at the budget (a model that overflows it preempts, counted).
+
+Also: KV bytes per token against the paper's (Nr+1)/(2Nr) and 1/Nr for the recursion layers, and
+the engine's own overhead (share of a tick outside matmuls and attention, torch profiler).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,40 +42,53 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mor_dist.config import load_config  # noqa: E402
-from mor_dist.inference.decode import forward_chunk  # noqa: E402
-from mor_dist.inference.kv_cache import ModelKVCache  # noqa: E402
-from mor_dist.inference.serve_bench import serve, synthetic_prompts  # noqa: E402
+from mor_dist.inference.serve_bench import ClosedLoop, median_spread, synthetic_prompts  # noqa: E402
 from mor_dist.model import build_model  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, nargs=2, default=[4, 2], metavar=("HQ", "HKV"))
-    p.add_argument("--d-ff", type=int, default=768)
+    p.add_argument("--quick", action="store_true", help="small sizes for CI (seconds, not minutes)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--heads", type=int, nargs=2, default=[16, 4], metavar=("HQ", "HKV"))
+    p.add_argument("--d-ff", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--depth", type=int, default=14, help="effective depth; depth - 2 divisible by 2, 3, 4")
+    p.add_argument("--depth", type=int, default=14, help="effective depth; depth - 2 divisible by each Nr")
     p.add_argument("--recursions", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--batch", type=int, default=8, help="fixed batch: concurrent requests (= slots)")
-    p.add_argument("--requests", type=int, default=2, help="requests served = this x the batch")
+    p.add_argument("--batch", type=int, default=32, help="fixed-batch setting: rows (concurrent requests)")
+    p.add_argument("--kv-batch", type=int, default=8, help="KV budget = the same-depth vanilla's cache at this many rows")
+    p.add_argument("--max-batch-cap", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--max-batch-cap", type=int, default=128, help="upper bound on the max-batch setting")
+    p.add_argument("--requests-per-row", type=int, default=8)
+    p.add_argument("--round-ticks", type=int, default=24)
+    p.add_argument("--min-rounds", type=int, default=3)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--profile-ticks", type=int, default=6, help="ticks profiled per MoR model for the overhead share")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the shared-block step (on CUDA: mode=reduce-overhead, CUDA graphs)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    args = p.parse_args(argv)
+    if args.quick:
+        args.d_model, args.heads, args.d_ff, args.depth = 128, [4, 2], 352, 8
+        args.recursions, args.batch, args.kv_batch = [2, 3], 6, 2
+        args.prompt_len, args.gen_len, args.requests_per_row = 16, 12, 3
+        args.round_ticks, args.min_rounds, args.profile_ticks, args.page_size = 6, 2, 2, 8
+    return args
 
 
-def build(args, n_layers: int, recursions: int, dtype):
+def build(args, n_layers: int, recursions: int, kv: str, dtype):
     sharing = "none" if recursions == 1 else "middle_cycle"
+    seq = args.prompt_len + args.gen_len + 8
     overrides = [
         f"model.vocab_size={args.vocab}", f"model.d_model={args.d_model}", f"model.n_layers={n_layers}",
         f"model.n_heads={args.heads[0]}", f"model.n_kv_heads={args.heads[1]}", f"model.d_ff={args.d_ff}",
-        f"model.max_seq_len={args.prompt_len + args.gen_len + 8}", f"model.recursions={recursions}",
-        f"data.seq_len={args.prompt_len + args.gen_len + 8}",
-        f"model.sharing={sharing}", f"routing.type={'expert' if recursions > 1 else 'none'}",
+        f"model.max_seq_len={seq}", f"data.seq_len={seq}", f"model.recursions={recursions}",
+        f"model.sharing={sharing}", f"routing.type={'expert' if recursions > 1 else 'none'}", f"kv.strategy={kv}",
     ]
     torch.manual_seed(args.seed)
     model = build_model(load_config(REPO / "configs/tiny/base.yaml", overrides)).eval()
@@ -76,121 +96,233 @@ def build(args, n_layers: int, recursions: int, dtype):
 
 
 @torch.no_grad()
-def calibrate_routers(model, prompts: list[list[int]]) -> None:
-    """Give each expert router a bias so that (Nr - r + 1) / Nr of all tokens reach depth r."""
+def calibrate_routers(model, seqs: list[list[int]], starts: list[int]) -> None:
+    """Give each expert router a bias so that (Nr - r + 1) / Nr of the tokens at positions >= start
+    of each sequence reach depth r. Router r is set after routers 0..r-1 (their decisions fix its
+    candidates: the tokens of depth >= r, in position order, which is the order it sees them in)."""
     nr = len(model.routers)
-    for r, router in enumerate(model.routers):
+    dev = model.embed.weight.device
+    for router in model.routers:
         lin = router.net
-        biased = torch.nn.Linear(lin.in_features, 1, bias=True).to(lin.weight)
-        biased.weight.copy_(lin.weight)
-        biased.bias.fill_(0.0)
-        router.net = biased
+        if lin.bias is None:
+            biased = torch.nn.Linear(lin.in_features, 1, bias=True).to(lin.weight)
+            biased.weight.copy_(lin.weight)
+            router.net = biased
+        router.net.bias.fill_(0.0)
+    for r, router in enumerate(model.routers):
         seen = []
-        hook = biased.register_forward_hook(lambda m, i, o: seen.append(o.flatten()))
-        for p in prompts:
-            model(torch.tensor([p], device=lin.weight.device), mode="causal")
+        hook = router.net.register_forward_hook(lambda m, i, o: seen.append(o.flatten()))
+        picked = []
+        for seq, start in zip(seqs, starts):
+            seen.clear()
+            out = model(torch.tensor([seq], device=dev), mode="causal")
+            cand = (out.depth[0] >= r).nonzero().flatten()  # router r's candidates, in order
+            logits = seen[0][: len(cand)] if seen else seen
+            if len(cand):
+                picked.append(logits[cand >= start])
         hook.remove()
-        logits = torch.cat(seen).float()
+        logits = torch.cat(picked).float()
         keep = (nr - r) / (nr - r + 1) if r else 1.0  # of the candidates: tokens that reached step r
-        if keep >= 1.0:
-            biased.bias.fill_(float(-logits.min()) + 10.0)
+        if keep >= 1.0 or not len(logits):
+            router.net.bias.fill_(float(-logits.min()) + 10.0 if len(logits) else 10.0)
         else:
-            biased.bias.fill_(-float(torch.quantile(logits, 1.0 - keep)))
+            router.net.bias.fill_(-float(torch.quantile(logits, 1.0 - keep)))
+
+
+@torch.no_grad()
+def calibrate_on_decoding(args, model, kv: str) -> None:
+    """Calibrate on random sequences of the workload's length, then again on sequences this model
+    decodes itself (sampling at temperature 1), counting only the generated positions: the routers
+    then see the states that decoding produces."""
+    seq_len = args.prompt_len + args.gen_len
+    random_seqs = synthetic_prompts(16, seq_len, args.vocab, seed=args.seed + 1)
+    calibrate_routers(model, random_seqs, [0] * len(random_seqs))
+    from mor_dist.inference.engine import ServingEngine
+
+    for round_ in range(2):
+        engine = ServingEngine(model, 8, kv=kv, temperature=1.0, seed=args.seed + 2 + round_)
+        prompts = synthetic_prompts(16, args.prompt_len, args.vocab, seed=args.seed + 3 + round_)
+        ids = [engine.submit(p, args.gen_len) for p in prompts]
+        done = engine.run()
+        seqs = [done[i].prompt + done[i].tokens[:-1] for i in ids]
+        calibrate_routers(model, seqs, [len(done[i].prompt) for i in ids])
 
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
-def kv_entries_per_token(model, prompts, kv: str) -> float:
-    """K/V entries (token x layer call site) per token after prefilling the prompts."""
-    cache = ModelKVCache(model, len(prompts), kv)
-    for i, p in enumerate(prompts):
-        dev = model.embed.weight.device
-        forward_chunk(model, cache, torch.tensor([i], device=dev), torch.tensor([p], device=dev),
-                      torch.arange(len(p), device=dev)[None])
-    e = cache.entries()
-    return (e["unique"] + e["shared"]) / int(cache.tokens.sum()), e["shared"] / int(cache.tokens.sum())
+def models_to_compare(args, dtype) -> dict:
+    """name -> (model, kv). The first is the reference (vanilla of the same effective depth)."""
+    models = {"vanilla": (build(args, args.depth, 1, "recursion_wise", dtype), "recursion_wise")}
+    for nr in args.recursions:
+        for kv, tag in (("recursion_wise", "rw"), ("share", "share")):
+            mor = build(args, args.depth, nr, kv, dtype)
+            calibrate_on_decoding(args, mor, kv)
+            models[f"mor{nr}_{tag}"] = (mor, kv)
+        unique = models[f"mor{nr}_rw"][0].layout.unique_layers
+        models[f"vanilla_params_mor{nr}"] = (build(args, unique, 1, "recursion_wise", dtype), "recursion_wise")
+    return models
 
 
-def main() -> int:
-    args = parse_args()
+def run_setting(args, models: dict, rows: dict, kv_pages: dict) -> dict:
+    """Interleaved rounds over every model's closed loop; per model, the rounds' decode tokens/s
+    and the steady-state summary."""
+    loops = {}
+    for name, (model, kv) in models.items():
+        loop = ClosedLoop(model, rows[name], args.prompt_len, args.gen_len, seed=args.seed,
+                          total=args.requests_per_row * rows[name], kv=kv, page_size=args.page_size,
+                          kv_pages=kv_pages.get(name), temperature=1.0, width_bucket=4 if args.compile else 1)
+        if args.compile:
+            mode = "reduce-overhead" if args.device == "cuda" else None
+            loop.engine.compile_block(mode=mode) if mode else loop.engine.compile_block()
+        loop.warm_up()
+        loops[name] = loop
+        print(f"  warm: {name} ({rows[name]} rows)", file=sys.stderr, flush=True)
+    rounds = {name: [] for name in loops}
+    done = 0
+    while any(loop.steady() for loop in loops.values()):
+        for name, loop in loops.items():
+            if loop.steady():
+                rounds[name].append(loop.run_round(args.round_ticks)["decode_tokens_per_s"])
+        done += 1
+        if done >= args.min_rounds and all(not loop.steady() for loop in loops.values()):
+            break
+    return {name: {"rounds": rounds[name], **median_spread(rounds[name]), **loops[name].summary()}
+            for name in loops}
+
+
+def profile_overhead(args, model, kv: str, rows: int) -> float:
+    """Share of decode ticks (CPU time) spent outside matmuls (aten::mm) and attention
+    (paged_attention: page gathers + SDPA): the engine's bookkeeping, routing, norms, RoPE,
+    sampling. Profiled after arrivals stop and the last prompts are in, so no prefill mixes in."""
+    from torch.profiler import ProfilerActivity, profile
+
+    loop = ClosedLoop(model, rows, args.prompt_len, args.gen_len, seed=args.seed + 7,
+                      total=args.requests_per_row * rows, kv=kv, page_size=args.page_size, temperature=1.0)
+    loop.warm_up()
+    loop.total = loop.submitted  # no more arrivals
+    while loop.engine.waiting or loop.engine.prefilling:
+        loop.step(measure=False)
+    decode_s = 0.0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.profile_ticks):
+            decode_s += loop.step(measure=False)["decode_s"]
+    ops = {e.key: e for e in prof.key_averages()}
+    inside = (ops["aten::mm"].self_cpu_time_total if "aten::mm" in ops else 0.0) + (
+        ops["mor::paged_attention"].cpu_time_total if "mor::paged_attention" in ops else 0.0)
+    return max(0.0, 1.0 - inside / 1e6 / decode_s) if decode_s else None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
-    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} thread)"
-    print(f"# bench/inference.py on {dev_name}, {dtype}; d_model={args.d_model} heads={args.heads} "
-          f"d_ff={args.d_ff} vocab={args.vocab}, effective depth {args.depth}")
-    if args.device != "cuda":
-        print("# no GPU here: CPU figures only (the paper's 2.06x is H100, 360m, max batch)")
-    calib = synthetic_prompts(8, args.prompt_len, args.vocab, seed=args.seed + 1)
-    n_req = args.requests * args.batch
-    prompts = synthetic_prompts(n_req, args.prompt_len, args.vocab, seed=args.seed)
-    seq = args.prompt_len + args.gen_len
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} thread)"
+    out = {"device": where, "dtype": str(dtype).replace("torch.", ""), "args": vars(args)}
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
+    log(f"# bench/inference.py on {where}, {out['dtype']}; d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} "
+        f"vocab={args.vocab}, effective depth {args.depth}; prompts {args.prompt_len // 2}..{args.prompt_len}, "
+        f"{args.gen_len // 2}..{args.gen_len} new tokens")
 
-    models = {f"vanilla L={args.depth} (same depth)": (build(args, args.depth, 1, dtype), "vanilla")}
-    for nr in args.recursions:
-        mor = build(args, args.depth, nr, dtype)
-        calibrate_routers(mor, calib)
-        unique = mor.layout.unique_layers
-        models[f"MoR Nr={nr} (1+{mor.layout.block}x{nr}+1)"] = (mor, f"mor{nr}")
-        models[f"vanilla L={unique} (params of Nr={nr})"] = (build(args, unique, 1, dtype), f"vanilla{nr}")
+    models = models_to_compare(args, dtype)
+    out["params"] = {name: n_params(m) for name, (m, _) in models.items()}
+
+    # ---------------------------------------------------------------- fixed batch
+    log(f"\n## Fixed batch: {args.batch} rows for every model")
+    fixed = run_setting(args, models, {name: args.batch for name in models}, {})
+    out["fixed_batch"] = fixed
+    ref = fixed["vanilla"]["median"]
+    out["fixed_batch_ratio"] = {n: r["median"] / ref for n, r in fixed.items() if n.startswith("mor") and ref}
 
     # ---------------------------------------------------------------- KV bytes per token
-    print("\n## KV-cache entries per token (prefill of 8 prompts), relative to vanilla of the same depth")
-    print("| model | cache | entries/token | bytes/token | whole model | recursion layers | paper (recursion layers) |")
-    print("|---|---|---|---|---|---|---|")
-    van = args.depth
-    entry_bytes = 2 * args.heads[1] * (args.d_model // args.heads[0]) * torch.tensor([], dtype=dtype).element_size()
-    print(f"| vanilla L={van} | full | {van} | {van * entry_bytes} | 1.000 | 1.000 | 1 |")
-    for name, (model, tag) in models.items():
-        if not tag.startswith("mor"):
-            continue
-        nr, lay = model.layout.recursions, model.layout
-        for kv, paper in (("recursion_wise", f"(Nr+1)/(2Nr) = {(nr + 1) / (2 * nr):.3f}"), ("share", f"1/Nr = {1 / nr:.3f}")):
-            total, shared = kv_entries_per_token(model, calib, kv)
-            print(f"| {name} | {kv} | {total:.2f} | {total * entry_bytes:.0f} | {total / van:.3f} | "
-                  f"{shared / (lay.block * nr):.3f} | {paper} |")
+    van_bpt = fixed["vanilla"]["kv_bytes_per_token"]
+    out["kv_bytes_per_token"] = {}
+    for name, (model, kv) in models.items():
+        lay = model.layout
+        got = fixed[name]["kv_bytes_per_token"]
+        out["kv_bytes_per_token"][name] = {"bytes": got, "vs_vanilla": got / van_bpt}
+        if lay.recursions:
+            unique_bytes = (lay.prefix + lay.suffix) * van_bpt / args.depth
+            recursion = (got - unique_bytes) / (lay.block * lay.recursions * van_bpt / args.depth)
+            nr = lay.recursions
+            paper = (nr + 1) / (2 * nr) if kv == "recursion_wise" else 1 / nr
+            out["kv_bytes_per_token"][name].update(recursion_layers=recursion, paper=paper)
 
-    # ---------------------------------------------------------------- throughput
-    def run(model, batch, requests):
-        serve(model, prompts[: min(4, len(prompts))], 4, batch, batch)  # warm-up
-        return serve(model, (prompts * (requests // len(prompts) + 1))[:requests], args.gen_len, batch, batch)
+    # ---------------------------------------------------------------- equal KV budget
+    seq = args.prompt_len + args.gen_len
+    budget = args.kv_batch * seq * van_bpt
+    rows, pages = {}, {}
+    for name, (model, kv) in models.items():
+        per_request = seq * fixed[name]["kv_bytes_per_token"]
+        rows[name] = max(1, min(args.max_batch_cap, int(budget // per_request)))
+        pages[name] = pool_pages(model, kv, rows[name], budget, args.page_size, seq)
+    log(f"\n## Equal KV budget: {budget / 2**20:.2f} MiB of K/V (the same-depth vanilla at {args.kv_batch} rows of "
+        f"{seq} tokens)")
+    kvb = run_setting(args, models, rows, pages)
+    out["kv_budget"] = {"budget_bytes": budget, **kvb}
+    ref = kvb["vanilla"]["median"]
+    out["kv_budget_ratio"] = {n: r["median"] / ref for n, r in kvb.items() if n.startswith("mor") and ref}
 
-    print(f"\n## Throughput, {n_req} requests of {args.gen_len} new tokens (prompts {args.prompt_len // 2}.."
-          f"{args.prompt_len}); fixed batch {args.batch}")
-    print("| model | params | batch | tokens/s | vs same-depth vanilla | slot fill | mean depth (new tokens) | KV bytes/token |")
-    print("|---|---|---|---|---|---|---|---|")
-    fixed = {}
-    for name, (model, tag) in models.items():
-        res = run(model, args.batch, n_req)
-        fixed[name] = res
-        base = fixed[next(iter(models))]["tokens_per_s"]
-        depth = sum(i * f for i, f in enumerate(res["depth_hist"]))
-        fill = "-" if res["slot_fill"] is None else f"{res['slot_fill']:.2f}"
-        print(f"| {name} | {n_params(model) / 1e6:.2f}M | {args.batch} | {res['tokens_per_s']:.0f} | "
-              f"{res['tokens_per_s'] / base:.2f}x | {fill} | {depth:.2f} | {res['kv_bytes_per_token']:.0f} |",
-              flush=True)
+    # ---------------------------------------------------------------- engine overhead
+    out["overhead_share"] = {}
+    if args.device == "cpu" and args.profile_ticks:
+        for name, (model, kv) in models.items():
+            if name.startswith("mor"):
+                out["overhead_share"][name] = profile_overhead(args, model, kv, args.batch)
 
-    # Budget: weights + KV; the same-depth vanilla fits exactly --batch full-length requests.
-    ref_name = next(iter(models))
-    weight_bytes = {n: n_params(m) * m.embed.weight.element_size() for n, (m, _) in models.items()}
-    budget = weight_bytes[ref_name] + args.batch * seq * fixed[ref_name]["kv_bytes_per_token"]
-    print(f"\n## Maximum batch under a memory budget of {budget / 2**20:.1f} MiB (weights + KV of {seq}-token "
-          f"requests; the same-depth vanilla fits {args.batch})")
-    print("| model | weights MiB | max batch | tokens/s | vs same-depth vanilla |")
-    print("|---|---|---|---|---|")
-    maxb = {}
-    for name, (model, tag) in models.items():
-        per_req = seq * fixed[name]["kv_bytes_per_token"]
-        batch = int((budget - weight_bytes[name]) // per_req)
-        batch = max(1, min(batch, args.max_batch_cap))
-        res = run(model, batch, max(n_req, 2 * batch))
-        maxb[name] = res
-        base = maxb[ref_name]["tokens_per_s"]
-        print(f"| {name} | {weight_bytes[name] / 2**20:.1f} | {batch} | {res['tokens_per_s']:.0f} | "
-              f"{res['tokens_per_s'] / base:.2f}x |", flush=True)
+    report(out, log)
+    if args.json:
+        print(json.dumps(out, default=float))
     return 0
+
+
+def pool_pages(model, kv: str, rows: int, budget: float, page_size: int, seq: int) -> dict:
+    """Page pools within the budget: the unique layers' pools hold every row at full length (their
+    use is fixed), the shared block's pool gets the rest of the budget (its use follows routing)."""
+    from mor_dist.inference.paged_cache import PagedKVCache
+
+    cache = PagedKVCache(model, 1, kv, page_size, pages={"prefix": 2, "suffix": 2, "shared": 2})
+    per_row = math.ceil(seq / page_size)
+    unique = {g: rows * per_row + 1 for g in ("prefix", "suffix")}
+    kv_page = {name: g.sites * g.entry_bytes() * page_size if g.sites else 0 for name, g in
+               (("prefix", cache.prefix), ("suffix", cache.suffix), ("shared", cache.shared))}
+    used = sum(unique[g] * kv_page[g] for g in unique)
+    shared = int(max(budget - used, 0) // kv_page["shared"]) + 1 if kv_page["shared"] else 1
+    return {**unique, "shared": max(shared, 2)}
+
+
+def report(out: dict, log) -> None:
+    def fmt(x, spec=".0f"):
+        return "-" if x is None else format(x, spec)
+
+    for setting, ratio_key in (("fixed_batch", "fixed_batch_ratio"), ("kv_budget", "kv_budget_ratio")):
+        res = out[setting]
+        log(f"\n### {setting.replace('_', ' ')}: decode tokens/s (median [min-max] over rounds)")
+        log("| model | params | rows | decode tok/s | vs vanilla | prefill tok/s | TTFT p50/p99 ms | ITL p50/p99 ms "
+            "| mean depth | KV B/token | preempted |")
+        log("|---|---|---|---|---|---|---|---|---|---|---|")
+        ref = res["vanilla"]["median"]
+        for name, r in res.items():
+            if not isinstance(r, dict):
+                continue
+            depth = sum(i * f for i, f in enumerate(r["depth_hist"]))
+            ms = lambda a, b: f"{fmt(a and a * 1e3)}/{fmt(b and b * 1e3)}"  # noqa: E731
+            log(f"| {name} | {out['params'][name] / 1e6:.1f}M | {r['rows']} | {fmt(r['median'])} "
+                f"[{fmt(r['min'])}-{fmt(r['max'])}] | {fmt(r['median'] / ref if r['median'] and ref else None, '.2f')}x | "
+                f"{fmt(r['prefill_tokens_per_s'])} | {ms(r['ttft_p50_s'], r['ttft_p99_s'])} | "
+                f"{ms(r['itl_p50_s'], r['itl_p99_s'])} | {depth:.2f} | {fmt(r['kv_bytes_per_token'])} | {r['preemptions']} |")
+    log("\n### KV-cache bytes per token (fixed-batch run's depths)")
+    log("| model | bytes/token | vs vanilla | recursion layers | paper (recursion layers) |")
+    log("|---|---|---|---|---|")
+    for name, k in out["kv_bytes_per_token"].items():
+        log(f"| {name} | {k['bytes']:.0f} | {k['vs_vanilla']:.3f} | {fmt(k.get('recursion_layers'), '.3f')} | "
+            f"{fmt(k.get('paper'), '.3f')} |")
+    if out["overhead_share"]:
+        log("\n### Engine overhead: share of decode ticks outside matmuls and attention (torch profiler, "
+            f"{out['args']['batch']} rows)")
+        for name, share in out["overhead_share"].items():
+            log(f"- {name}: {fmt(share and share * 100, '.1f')}%")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ D)`, with the original position of every entry in `pos_pool: (pages, P)`. A row 
 and `length: (rows,)` entries in them. Attention of n query rows reads the first `width` pages of
 each row, causal by original position, with the entries past the row's length masked out.
 
-On CPU the pages are gathered into one (n, Hkv, width * P, D) block per call and handed to
-scaled_dot_product_attention; the pool itself is never copied or resized.
+On a GPU (backend "auto", as routed attention) the Triton kernel of paged_triton.py reads the pages
+in place. The torch path (CPU) gathers them into one (n, Hkv, width * P, D) block per call and hands
+it to scaled_dot_product_attention; the pool itself is never copied or resized.
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ def paged_attention(
     pos_pool: torch.Tensor,
     pages: torch.Tensor,
     length: torch.Tensor,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """q: (n, Hq, t, D) at original positions q_pos (n, t); pages: (n, W) page ids of each query row's
     first W pages; length: (n,) valid entries of each row. Key j of a row is visible to query i iff
-    j < length and its position <= q_pos[i]. A query that sees no key gets finite garbage (callers
-    mask such rows). Returns (n, Hq, t, D)."""
+    j < length and its position <= q_pos[i]. A query that sees no key gets finite garbage (torch) or
+    0 (Triton); callers mask such rows. backend: as routed_attention's. Returns (n, Hq, t, D)."""
+    from .routed_attention import _use_triton
+
+    with torch.profiler.record_function("mor::paged_attention"):  # for bench/inference.py's overhead share
+        if _use_triton(q, backend):
+            from .paged_triton import paged_attention_triton
+
+            return paged_attention_triton(q, q_pos, k_pool, v_pool, pos_pool, pages, length)
+        return _paged_attention(q, q_pos, k_pool, v_pool, pos_pool, pages, length)
+
+
+def _paged_attention(q, q_pos, k_pool, v_pool, pos_pool, pages, length):
     n, w = pages.shape
     p = k_pool.shape[1]
     k = k_pool[pages].view(n, w * p, *k_pool.shape[2:]).transpose(1, 2)  # (n, Hkv, W*P, D)

@@ -34,7 +34,7 @@ import torch
 from mor_dist.model.layers import TokenFrame
 
 from .paged_cache import CacheFullError, PagedKVCache
-from .prefill import expert_gate, prefill_chunk, run_unique, token_choice_depths
+from .prefill import prefill_chunk, run_unique, token_choice_depths
 
 
 @dataclass
@@ -93,6 +93,10 @@ class ServingEngine:
         self.go = torch.zeros(n, dtype=torch.bool, device=dev)  # runs the next recursion step
         self.pos = torch.zeros(n, dtype=torch.long, device=dev)
         self.all_rows = torch.arange(n, device=dev)
+        # Every step applies the same shared layers (Cycle sharing): one static call for all rows.
+        self.uniform = len(set(model.layout.schedule)) <= 1
+        # Read off the config now: the block step (maybe compiled) touches no OmegaConf node.
+        self.weighted = bool(model.routers) and model.routing.gating == "weighted"  # expert_gate's rule
         # Host side.
         self.row_req: list[Request | None] = [None] * n
         self.free_rows = deque(range(n))
@@ -143,7 +147,8 @@ class ServingEngine:
         timer = _TickTimer(self.device, self.clock)
         plan = self._plan()
         timer.mark()
-        prefill_depth = self._prefill(plan["chunks"]) if plan["chunks"] else None
+        with torch.profiler.record_function("mor::prefill"):
+            prefill_depth = self._prefill(plan["chunks"]) if plan["chunks"] else None
         timer.mark()
         sampled, exit_depth, exit_logits = self._exit(plan["exit"])
         go0 = self._entry(plan, sampled)
@@ -334,26 +339,47 @@ class ServingEngine:
         srows = [c.shared_rows(r, self.host_depth[r]) for r in plan["block_continuing"]]
         srows += [c.shared_rows(r, 0) for r in plan["enter"]]
         width = self._width(c.shared, srows)
-        return self.block_fn(width)
+        if self.uniform:
+            return self.block_fn(width)
+        # Steps apply different shared layers (Sequence sharing): one call per step, over the rows
+        # at that depth (host-known: entering rows are at 0, the others' depths came with the copy).
+        by_step: dict[int, list[int]] = {0: list(plan["enter"])}
+        for r in plan["block_continuing"]:
+            by_step.setdefault(self.host_depth[r], []).append(r)
+        out = self.h
+        for step, rows in sorted(by_step.items()):
+            if rows:
+                idx = torch.tensor(rows, device=self.device)
+                out = out.index_copy(0, idx, self._block_rows(idx, step, width))
+        return self._route(out)
 
     def _block_step(self, width: int):
         """One recursion step for every row with go set (masked, static shapes), then the next
         routing decision. Returns (depth, go) of every row after the step."""
-        model, c = self.model, self.cache
-        go, depth = self.go, self.depth
-        nr = self.nr
-        srows = c.shared_rows(self.all_rows, depth.clamp(max=nr - 1))
+        return self._route(self._block_rows(self.all_rows, 0, width))
+
+    def _block_rows(self, idx: torch.Tensor, step: int, width: int) -> torch.Tensor:
+        """f(h) of rows idx at recursion `step` (whose layers every one of them applies)."""
+        model, c, nr = self.model, self.cache, self.nr
+        go, depth = self.go[idx], self.depth[idx]
+        srows = c.shared_rows(idx, depth.clamp(max=nr - 1))
         write = go if c.kv == "recursion_wise" else go & (depth == 0)
-        pos = self.pos[:, None]
+        pos = self.pos[idx][:, None]
         views = c.shared.views(srows, pos, write[:, None], width)
-        x = self.h[:, None]
-        out = model._run_block(0, x, TokenFrame(pos, go[:, None], cache=views))[:, 0]
-        depth = depth + go.long()
+        return model._run_block(step, self.h[idx][:, None], TokenFrame(pos, go[:, None], cache=views))[:, 0]
+
+    def _route(self, out: torch.Tensor):
+        """Apply the step's outputs (rows with go set) and decide each row's next step."""
+        model, nr, go = self.model, self.nr, self.go
+        depth = self.depth + go.long()
         if model.token_router is not None:
             h = torch.where(go[:, None], out, self.h)
             go_next = go & (depth < self.assigned)
         elif model.routers:
-            h = torch.where(go[:, None], expert_gate(model, self.h, out, self.logit), self.h)
+            new = out
+            if self.weighted:  # x + alpha * sigmoid(logit) * f(x), as prefill.expert_gate
+                new = self.h + (model.alpha * torch.sigmoid(self.logit)).unsqueeze(-1).to(out.dtype) * out
+            h = torch.where(go[:, None], new, self.h)
             nxt = depth.clamp(max=nr - 1)
             main = torch.stack([router(h) for router in model.routers], dim=-1)  # (rows, Nr): tiny
             causal = torch.stack([router.causal_logits(h, main[:, r]) for r, router in enumerate(model.routers)], -1)

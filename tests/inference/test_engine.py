@@ -57,6 +57,31 @@ def test_continuous_batching_equals_full_forward_per_request(key, rows, prefill,
     assert engine.stats["generated"] == sum(6 + 2 * i for i in range(len(prompts)))
 
 
+@pytest.mark.parametrize("sharing", ["middle_sequence", "cycle", "sequence"])
+def test_other_sharing_layouts_equal_full_forward(sharing):
+    """Sequence sharing applies other layers at each step (one block call per depth); Cycle sharing
+    has no unique first and last layers."""
+    from mor_dist.config import load_config
+    from mor_dist.model import build_model
+
+    torch.manual_seed(0)
+    layers = 8 if sharing.startswith("middle") else 6  # 6 shared layers: 2 per recursion
+    model = build_model(load_config("configs/tiny/mor.yaml", [f"model.sharing={sharing}", f"model.n_layers={layers}"]))
+    model.eval()
+    with torch.no_grad():
+        for router in model.routers:
+            for p in router.parameters():
+                p.add_(0.01)
+    prompts = [prompt(n, seed=n) for n in (9, 4, 13)]
+    engine = ServingEngine(model, 2, keep_logits=True, prefill_tokens=5, page_size=4)
+    ids = [engine.submit(p, 7) for p in prompts]
+    done = engine.run()
+    for i, p in zip(ids, prompts):
+        logits, want = full_forward(model, p, done[i].tokens)
+        assert done[i].depths == want
+        torch.testing.assert_close(torch.stack(done[i].logits), logits, rtol=0, atol=1e-5)
+
+
 def test_shared_block_runs_tokens_of_different_depths_together():
     """Depth-wise batching: in steady state one block call holds tokens at several depths."""
     model = tiny_model("mor_expert")
@@ -152,3 +177,23 @@ def test_entries_follow_depths_and_caches_hold_less_than_vanilla():
 def test_generate_rejects_too_long():
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(tiny_model("vanilla"), prompt(250, seed=1), 10)
+
+
+def test_shared_block_step_compiles_whole_and_gives_the_same_tokens():
+    """One decode tick of the shared block is one graph (fullgraph=True: no graph break, so no
+    host sync inside) with static shapes; compiled, the engine gives what eager gives."""
+    model = tiny_model("mor_expert")
+    prompts = [prompt(n, seed=n) for n in (6, 11, 4)]
+
+    def serve(compiled: bool):
+        engine = ServingEngine(model, 3, keep_logits=True, width_bucket=4)
+        if compiled:
+            engine.compile_block(fullgraph=True, dynamic=False)
+        ids = [engine.submit(p, 8) for p in prompts]
+        done = engine.run()
+        return [done[i] for i in ids]
+
+    eager, compiled = serve(False), serve(True)
+    for a, b in zip(eager, compiled):
+        assert a.tokens == b.tokens and a.depths == b.depths
+        torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), rtol=0, atol=1e-5)

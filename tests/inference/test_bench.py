@@ -1,0 +1,24 @@
+"""bench/inference.py keeps running: its --quick mode end to end, its JSON complete."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_inference_benchmark_quick_mode_reports_every_ratio():
+    r = subprocess.run([sys.executable, "bench/inference.py", "--quick", "--json"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    names = {"mor2_rw", "mor2_share", "mor3_rw", "mor3_share"}  # --quick: Nr = 2, 3
+    for key in ("fixed_batch_ratio", "kv_budget_ratio"):
+        assert set(out[key]) == names and all(v > 0 for v in out[key].values()), out[key]
+    for setting in ("fixed_batch", "kv_budget"):
+        for name, res in out[setting].items():
+            if isinstance(res, dict):
+                assert res["n"] >= 2 and res["decode_tokens_per_s"] > 0 and res["measured_ticks"] > 0, (setting, name)
+    # Sharing keeps recursion 1's K/V only: exactly 1/Nr of the recursion layers' entries.
+    assert abs(out["kv_bytes_per_token"]["mor3_share"]["recursion_layers"] - 1 / 3) < 1e-9
+    assert 0 <= out["overhead_share"]["mor2_rw"] <= 1
