@@ -1,4 +1,5 @@
-"""Data pipeline: tokenizer, WebDataset shards + manifest, and an exactly resumable streaming loader.
+"""Data pipeline: tokenizer, WebDataset shards + manifest, and an exactly resumable streaming loader
+(local shards or URLs, one dataset or a weighted mixture).
 
 Names are imported lazily so that `mor_dist.data_pipeline.config` (read by the config tree) does not
 pull in torch or tokenizers.
@@ -8,6 +9,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "DataConfig": "config",
+    "SourceConfig": "config",
     "DataError": "errors",
     "prepare_dataset": "prepare",
     "prepare_from_config": "prepare",
@@ -18,6 +20,7 @@ _EXPORTS = {
     "TokenDataset": "loader",
     "StreamingLoader": "loader",
     "build_loader": "loader",
+    "Mixture": "order",
     "data_parallel_rank": "loader",
     "verify_dataset": "verify",
     "default_corpus_files": "corpus",

@@ -8,7 +8,7 @@ for configs and by `mor data` for the flags that set these keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 
 def ranged(default, spec: str):
@@ -21,10 +21,32 @@ def ranged(default, spec: str):
 
 
 @dataclass
+class SourceConfig:
+    """One prepared dataset of a weighted mixture (data.sources)."""
+
+    # Where it is: a directory, or a URL as for dataset_dir. Set dir or url (the same thing: use the
+    # word that reads better).
+    dir: str = ""
+    url: str = ""
+    weight: float = 1.0  # share of the samples, relative to the other sources' weights; > 0
+    name: str = ""  # TensorBoard tag data/tokens/<name>; default: the last part of dir/url
+
+
+@dataclass
 class DataConfig:
     # Prepared dataset: a directory holding manifest.json, tokenizer.json and the .tar shards
-    # (written by `mor data prepare`, read by the loader).
+    # (written by `mor data prepare`, read by the loader), or its URL: file:, http(s)://, or a
+    # pipe: command with {} where the file name goes (pipe:aws s3 cp s3://bucket/ds/{} -).
     dataset_dir: str = "data/default"
+    # Weighted mixture of prepared datasets (one tokenizer and seq_len); when given, it replaces
+    # dataset_dir for training: [{dir: data/web, weight: 0.7}, {url: http://host/code, weight: 0.3}].
+    sources: List[SourceConfig] = field(default_factory=list)
+    # Read order: seek (positioned reads; local shards only), stream (every shard read start to end by
+    # one reader, fetched ahead), auto (stream when a source is a URL that cannot seek).
+    read: str = "auto"
+    read_ahead: int = ranged(1, ">= 0")  # streamed shards fetched ahead of the one being read, per source and worker
+    fetch_retries: int = ranged(4, ">= 0")  # retries of a failed fetch (manifest, tokenizer, shard)
+    fetch_backoff_s: float = ranged(1.0, ">= 0")  # pause before the first retry; doubles with every retry
     # Tokens per training sequence; each stored sample holds seq_len + 1 tokens (inputs + shifted
     # targets). Must equal the manifest's seq_len, and not exceed model.max_seq_len.
     seq_len: int = ranged(2048, ">= 1")
@@ -41,18 +63,21 @@ class DataConfig:
     verify: str = "size"
 
     # ---- `mor data prepare` / `mor data tokenizer` ----
-    # Raw text: files, directories or globs of .txt/.md/.rst/.py (one document per file), .jsonl
-    # (one document per line, field text_field) and .parquet (column text_field).
+    # Raw text: files, directories or globs of .txt/.md/.rst/.py (one document per file), .jsonl,
+    # .jsonl.gz, .jsonl.zst, .json.gz, .json.zst (JSON lines, field text_field), .parquet and .arrow
+    # (Hugging Face save_to_disk folders; column text_field).
     # Empty = the default corpus: this interpreter's standard-library sources (docs/data.md).
     inputs: List[str] = field(default_factory=list)
-    text_field: str = "text"  # JSON field / parquet column holding the text
+    text_field: str = "text"  # JSON field / parquet or arrow column holding the text
     tokenizer: str = ""  # existing tokenizer.json to use; empty = train a byte-level BPE on the inputs
     # Vocabulary of a trained tokenizer, special tokens included: at least the 256 bytes + 2 specials.
-    vocab_size: int = ranged(4096, ">= 258")
+    # Unset = model.vocab_size when prepare has --config, else 4096; with --config it must equal
+    # model.vocab_size (training refuses a dataset whose tokenizer has another size).
+    vocab_size: Optional[int] = ranged(None, ">= 258")
     eos_token: str = "<|endoftext|>"  # separates documents in the packed stream
     pad_token: str = "<|pad|>"  # added when training a tokenizer; never written into samples
     tokenizer_train_bytes: int = ranged(1 << 30, ">= 1")  # cap on the text a tokenizer is trained on
     # Share of packed samples held out as the validation split; 0 = none (1 would leave no training data).
     val_fraction: float = ranged(0.005, "[0, 1)")
     shard_samples: int = ranged(4096, ">= 1")  # samples per .tar shard (the last shard of a split may hold fewer)
-    prepare_workers: int = ranged(0, ">= 0")  # tokenizer processes for prepare; 0 = all CPU cores
+    prepare_workers: int = ranged(0, ">= 0")  # tokenize and pack processes for prepare; 0 = all CPU cores

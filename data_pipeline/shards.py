@@ -148,23 +148,16 @@ def check_file(path: Path, entry: dict, verify: str) -> str | None:
     return None
 
 
-class ShardReader:
-    """Random access to the samples of one shard by seeking to member i; every read checks the tar
-    header, the .npy header and that all ids are below the vocabulary size."""
+class _SampleChecks:
+    """The checks of every sample read: the tar header must be the one expected for its key (name,
+    size, checksum), the .npy header must match, and every id must be below the vocabulary size."""
 
-    def __init__(self, path: str | Path, layout: Layout, first_key: int, samples: int, vocab_size: int):
-        self.path = Path(path)
+    def __init__(self, where: str | Path, layout: Layout, first_key: int, samples: int, vocab_size: int):
+        self.path = where
         self.layout = layout
         self.first_key = first_key
         self.samples = samples
         self.vocab_size = vocab_size
-        self._fd = -1
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise DataError(self.path, "shard is missing") from None
-        except OSError as e:
-            raise DataError(self.path, f"cannot open shard: {e.strerror}") from None
         self._npy = layout.npy_header
         self._n_npy = len(self._npy)
         # The tar header differs between samples only in the name and the checksum over it.
@@ -178,24 +171,49 @@ class ShardReader:
         chk = b"%06o\0 " % (self._tmpl_sum + sum(name))
         return name + self._tmpl_mid + chk + self._tmpl_tail
 
+    def _where(self, i: int) -> str:
+        return f"sample {i} (key {self.first_key + i:0{KEY_DIGITS}d})"
+
+    def _checked(self, buf, i: int) -> np.ndarray:
+        """buf: the member's header block and data (at least BLOCK + data_size bytes)."""
+        if buf[:BLOCK] != self._expected_header(self.first_key + i):
+            raise DataError(self.path, f"corrupt tar header at {self._where(i)}: not the member the manifest describes")
+        if buf[BLOCK : BLOCK + self._n_npy] != self._npy:
+            raise DataError(self.path, f"corrupt .npy header in {self._where(i)}")
+        arr = np.frombuffer(buf, dtype=self.layout.dtype, count=self.layout.sample_tokens, offset=BLOCK + self._n_npy)
+        if arr.max() >= self.vocab_size:
+            raise DataError(self.path, f"corrupt {self._where(i)}: token id {int(arr.max())} >= vocab size "
+                                       f"{self.vocab_size}")
+        return arr
+
+    def close(self) -> None:
+        pass
+
+
+class ShardReader(_SampleChecks):
+    """Random access to the samples of one local shard: one positioned read of member i per sample."""
+
+    def __init__(self, path: str | Path, layout: Layout, first_key: int, samples: int, vocab_size: int):
+        self._fd = -1
+        super().__init__(Path(path), layout, first_key, samples, vocab_size)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise DataError(self.path, "shard is missing") from None
+        except OSError as e:
+            raise DataError(self.path, f"cannot open shard: {e.strerror}") from None
+
     def read(self, i: int) -> np.ndarray:
         """Sample i of this shard (0 <= i < samples) as a read-only array of the stored dtype."""
         lay = self.layout
-        where = f"sample {i} (key {self.first_key + i:0{KEY_DIGITS}d})"
         try:
             buf = os.pread(self._fd, BLOCK + lay.data_size, i * lay.stride)
         except OSError as e:
-            raise DataError(self.path, f"read error at {where}: {e.strerror}") from None
+            raise DataError(self.path, f"read error at {self._where(i)}: {e.strerror}") from None
         if len(buf) < BLOCK + lay.data_size:
-            raise DataError(self.path, f"shard is truncated: {where} is cut off at byte {i * lay.stride + len(buf)}")
-        if buf[:BLOCK] != self._expected_header(self.first_key + i):
-            raise DataError(self.path, f"corrupt tar header at {where}: not the member the manifest describes")
-        if buf[BLOCK : BLOCK + self._n_npy] != self._npy:
-            raise DataError(self.path, f"corrupt .npy header in {where}")
-        arr = np.frombuffer(buf, dtype=lay.dtype, offset=BLOCK + self._n_npy)
-        if arr.max() >= self.vocab_size:
-            raise DataError(self.path, f"corrupt {where}: token id {int(arr.max())} >= vocab size {self.vocab_size}")
-        return arr
+            raise DataError(self.path, f"shard is truncated: {self._where(i)} is cut off at byte "
+                                       f"{i * lay.stride + len(buf)}")
+        return self._checked(buf, i)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -204,3 +222,19 @@ class ShardReader:
 
     def __del__(self):
         self.close()
+
+
+class MemoryShard(_SampleChecks):
+    """A whole shard fetched into memory (from a URL or a pipe, already checked against the
+    manifest's size and sha256); samples are read from it like from a local file."""
+
+    def __init__(self, data: bytes, where: str, layout: Layout, first_key: int, samples: int, vocab_size: int):
+        super().__init__(where, layout, first_key, samples, vocab_size)
+        self._data = memoryview(data)
+
+    def read(self, i: int) -> np.ndarray:
+        lay = self.layout
+        buf = self._data[i * lay.stride : i * lay.stride + BLOCK + lay.data_size]
+        if len(buf) < BLOCK + lay.data_size:
+            raise DataError(self.path, f"shard is truncated: {self._where(i)} is cut off")
+        return self._checked(buf, i)

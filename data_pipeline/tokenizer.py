@@ -23,7 +23,10 @@ DEFAULT_PAD = "<|pad|>"
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, eos_token: str = DEFAULT_EOS, pad_token: str = DEFAULT_PAD
 ) -> Tokenizer:
-    """A byte-level BPE with `vocab_size` entries (256 bytes + merges + the two special tokens)."""
+    """A byte-level BPE with exactly `vocab_size` entries (256 bytes + merges + the two special tokens).
+    When the text holds too few repeated pairs for that many merges, the rest are reserved special
+    tokens (`<|reserved_0|>`, ...) that never occur in encoded text, so that the vocabulary is the
+    model's size all the same."""
     if vocab_size < 258:
         raise ValueError(f"vocab_size={vocab_size}: a byte-level BPE needs at least 256 bytes + 2 special tokens")
     tok = Tokenizer(models.BPE())
@@ -37,7 +40,31 @@ def train_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    short = vocab_size - tok.get_vocab_size()
+    if short > 0:
+        import logging
+
+        logging.getLogger("mor_dist.data").warning(
+            "the tokenizer text supports only %d of %d entries; the last %d are reserved tokens (more text "
+            "gives more merges)", vocab_size - short, vocab_size, short)
+        tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(short)])
     return tok
+
+
+def splits_safely(tok: Tokenizer) -> bool:
+    """Whether cutting a text at a newline between two non-space characters leaves its ids as they are:
+    true for a byte-level pre-tokenizer without a prefix space and no normalizer that adds text (what
+    train_tokenizer makes, and GPT-2/SmolLM-style tokenizers); false for e.g. SentencePiece-style
+    (Metaspace) ones, whose text files are then tokenized whole."""
+    obj = json.loads(tok.to_str())
+    pre = obj.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    norm = obj.get("normalizer") or {}
+    norms = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else ([norm] if norm else [])
+    harmless = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents"}
+    return (bool(byte_level) and not any(p.get("add_prefix_space") for p in byte_level)
+            and all(n.get("type") in harmless for n in norms))
 
 
 def tokenizer_json(tok: Tokenizer) -> str:

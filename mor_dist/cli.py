@@ -28,7 +28,7 @@ def _train(args) -> int:
 def _export(args) -> int:
     from mor_dist.training.export import export
 
-    path = export(args.run_dir, args.out, args.step)
+    path = export(args.run_dir, args.out, args.step, hf=args.hf)
     print(path)
     return 0
 
@@ -71,10 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run folder (logging.run_dir of the run)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--step", type=flag_type(">= 0"), help="checkpoint step (default: latest)")
+    p.add_argument("--hf", action="store_true",
+                   help="also a Hugging Face model folder (config.json, modeling code, tokenizer files) for "
+                   "AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)")
     p.set_defaults(func=_export)
 
     # Each component registers its own subcommands.
     from mor_dist.data_pipeline.cli import add_data_parser
+    from mor_dist.evaluation.cli import add_eval_parser
     from mor_dist.inference.cli import add_inference_parsers
     from mor_dist.launcher.cli import add_slurm_parsers
     from mor_dist.parallel.plan import add_plan_parser
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_slurm_parsers(sub)
     add_inference_parsers(sub)
+    add_eval_parser(sub)
     return parser
 
 

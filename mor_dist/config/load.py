@@ -13,6 +13,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from mor_dist.config.budget import apply_budget
 from mor_dist.config.schema import MoRConfig
 from mor_dist.config.validate import ConfigError, validate
 
@@ -139,6 +140,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{getattr(e, 'full_key', None) or '?'}: {str(e).splitlines()[0]}") from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
+    apply_budget(cfg)  # train.flops_budget / train.tokens -> train.steps
     return cfg
 
 

@@ -93,6 +93,11 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     steps: int = ranged(1000, ">= 1")  # optimizer steps
+    # A run's length as a budget instead (at most one of the two): training FLOPs in the paper's
+    # accounting (model/accounting.py: 3 x forward) or tokens. Set, it replaces `steps` with the
+    # whole steps it buys (config/budget.py); the lr schedule follows. `mor info` prints the result.
+    flops_budget: Optional[float] = ranged(None, "> 0")
+    tokens: Optional[float] = ranged(None, ">= 1")  # a float so that 20e9 reads as written
     # Sequences per optimizer step, across data-parallel ranks: a multiple of micro_batch_size x
     # the data-parallel size (the remaining factor is gradient accumulation).
     global_batch_size: int = ranged(1024, ">= 1")

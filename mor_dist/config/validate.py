@@ -36,6 +36,7 @@ CHOICES = {
     "train.nan_policy": ("stop", "skip"),
     "checkpoint.verify": ("sha256", "size", "none"),
     "data.verify": ("none", "size", "sha256"),
+    "data.read": ("auto", "seek", "stream"),
     "parallel.activation_checkpointing": ("none", "recursion", "full"),
 }
 
@@ -167,7 +168,14 @@ def validate(cfg) -> None:
             "model.max_seq_len"
         )
 
+    _check_sources(cfg.data.sources)
+
     t, p = cfg.train, cfg.parallel
+    if t.flops_budget is not None and t.tokens is not None:
+        raise ConfigError(
+            f"train.tokens: {t.tokens:.4g} is set together with train.flops_budget={t.flops_budget}; both set the run's "
+            "length, give one of them"
+        )
     # Data-parallel size unknown here: what fails for every size fails now, the rest at start.
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
@@ -218,3 +226,22 @@ def validate(cfg) -> None:
         )
     if not cfg.logging.run_dir.strip():
         raise ConfigError("logging.run_dir: empty; give the run's folder, e.g. logging.run_dir=runs/my_run")
+
+
+def _check_sources(sources) -> None:
+    """data.sources: each names one place and has a weight > 0; names (TensorBoard tags) are unique."""
+    from mor_dist.data_pipeline.remote import display_name
+
+    names = {}
+    for i, src in enumerate(sources):
+        key = f"data.sources[{i}]"
+        if bool(src.dir) == bool(src.url):
+            raise ConfigError(f"{key}: set one of dir or url (a prepared dataset's directory or URL)"
+                              + ("" if src.dir else ", e.g. {dir: data/web, weight: 1}"))
+        if not in_range(src.weight, "> 0"):
+            raise ConfigError(range_error(f"{key}.weight", src.weight, "> 0"))
+        name = src.name or display_name(src.dir or src.url)
+        if name in names:
+            raise ConfigError(f"{key}: its name {name!r} is also data.sources[{names[name]}]'s; give each a "
+                              "distinct name (its TensorBoard tag is data/tokens/<name>)")
+        names[name] = i

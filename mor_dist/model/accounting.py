@@ -103,6 +103,23 @@ def train_flops_per_token(cfg) -> float:
     return 3.0 * forward_flops_per_token(cfg)
 
 
+def run_length(cfg) -> dict:
+    """Steps, tokens and training FLOPs of the run the config describes, and which key set them."""
+    from mor_dist.config.budget import tokens_per_step
+
+    t = cfg.train
+    per_step = tokens_per_step(cfg)
+    set_by = ("train.flops_budget" if t.flops_budget is not None
+              else "train.tokens" if t.tokens is not None else "train.steps")
+    return {
+        "set_by": set_by,
+        "steps": t.steps,
+        "tokens_per_step": per_step,
+        "tokens": t.steps * per_step,
+        "train_flops": t.steps * per_step * train_flops_per_token(cfg),
+    }
+
+
 def model_info(cfg) -> dict:
     """What `mor info` prints."""
     m = cfg.model
@@ -127,4 +144,5 @@ def model_info(cfg) -> dict:
             "forward_per_token": forward_flops_per_token(cfg),
             "train_per_token": train_flops_per_token(cfg),
         },
+        "run": run_length(cfg),
     }

@@ -17,9 +17,13 @@ CONFIG_FILE = "config.yaml"
 # Keys a resumed run may change: how long, how it is laid out, how it reports. Everything else
 # (model, routing, data, optimizer...) changes the run's meaning.
 MUTABLE_PREFIXES = (
-    "train.steps", "train.eval_interval", "train.eval_batches", "train.nan_policy", "train.device",
+    "train.steps", "train.flops_budget", "train.tokens", "train.eval_interval", "train.eval_batches",
+    "train.nan_policy", "train.device",
     "parallel.", "logging.", "checkpoint.", "data.num_workers", "data.prefetch_factor", "data.pin_memory",
-    "data.verify", "data.skip_corrupt",
+    "data.verify", "data.skip_corrupt", "data.read_ahead", "data.fetch_retries", "data.fetch_backoff_s",
+    # How `mor data prepare` built the dataset: training reads the dataset itself.
+    "data.inputs", "data.text_field", "data.vocab_size", "data.tokenizer_train_bytes", "data.val_fraction",
+    "data.shard_samples", "data.prepare_workers",
 )
 
 
@@ -39,13 +43,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ. A key the saved config lacks (written before the key existed)
+    counts as its default, so upgrading mor_dist does not lock a run out of its folder."""
+    from mor_dist.config.schema import MoRConfig
+
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(MoRConfig), resolve=True))
     a, b = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(MUTABLE_PREFIXES):
             continue
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key}: {a.get(key)!r} in the run folder, {b.get(key)!r} now")
+        old = a[key] if key in a else defaults.get(key)
+        if old != b.get(key):
+            diffs.append(f"{key}: {old!r} in the run folder, {b.get(key)!r} now")
     return diffs
 
 

@@ -49,7 +49,8 @@ def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, di
     return state, meta, folder
 
 
-def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, hf: bool = False) -> Path:
+    """hf: also the Hugging Face files (mor_dist/hf/export.py), for AutoModelForCausalLM."""
     from safetensors.torch import save_file
 
     from mor_dist.config import load_config
@@ -70,6 +71,10 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     if tok.is_file():
         (out_dir / "tokenizer.json").write_bytes(tok.read_bytes())
     (out_dir / "export.json").write_text(json.dumps({"step": meta["step"], "source": str(folder)}, indent=1))
+    if hf:
+        from mor_dist.hf.export import write_hf_files
+
+        write_hf_files(out_dir, cfg)
     log.info("exported step %d of %s to %s", meta["step"], run_dir, out_dir)
     return out_dir / "model.safetensors"
 

@@ -53,8 +53,7 @@ def on_rank0(rank: int, fn):
 
 def train(cfg, force: bool = False) -> int:
     from mor_dist.checkpoint import CheckpointManager
-    from mor_dist.data_pipeline.loader import build_loader
-    from mor_dist.data_pipeline.manifest import load_manifest
+    from mor_dist.data_pipeline.loader import build_loader, split_manifests
     from mor_dist.model import build_model
     from mor_dist.parallel.dims import init_distributed
     from mor_dist.parallel.train_module import build_train_module
@@ -75,6 +74,7 @@ def train(cfg, force: bool = False) -> int:
     try:
         config_changes = on_rank0(dims.rank, lambda: check_config(cfg, force))
         grad_accum_steps(cfg, dims.dp)  # fail on a batch that does not split before building anything
+        tokenizer = _tokenizer(cfg)  # and on a dataset made for another vocabulary
 
         ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
         resume_from, meta = None, None
@@ -97,11 +97,10 @@ def train(cfg, force: bool = False) -> int:
         train_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "train", rank=dims.dp_rank,
                                     world_size=dims.dp)
         val_loader = None
-        if cfg.train.eval_interval and load_manifest(cfg.data.dataset_dir).data["splits"].get("val", {}).get("samples"):
+        if cfg.train.eval_interval and split_manifests(cfg.data, "val"):
             val_loader = build_loader(cfg.data, cfg.train.micro_batch_size, "val", rank=dims.dp_rank, world_size=dims.dp)
         elif cfg.train.eval_interval and dims.rank == 0:
             log.warning("the dataset has no validation split: no evaluation (prepare with data.val_fraction > 0)")
-        tokenizer = _tokenizer(cfg)
 
         trainer = Trainer(cfg, dims, module, train_loader, val_loader, tokenizer, run_dir)
         if dims.rank == 0:
@@ -135,17 +134,16 @@ def _commit_start(cfg, ckpt, config_changes: list[str], resumed: bool) -> None:
 
 
 def _tokenizer(cfg):
-    from mor_dist.data_pipeline.tokenizer import load_tokenizer
+    """The dataset's tokenizer (TensorBoard decodes validation text with it). A dataset tokenized for
+    another vocabulary than the model's is refused, larger or smaller, before anything is built."""
+    from mor_dist.config import ConfigError
+    from mor_dist.data_pipeline.loader import dataset_tokenizer
 
-    path = Path(cfg.data.tokenizer or Path(cfg.data.dataset_dir) / "tokenizer.json")
-    if not path.is_file():
-        return None
-    tokenizer = load_tokenizer(path)
-    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
-        from mor_dist.config import ConfigError
-
+    size, where, tokenizer = dataset_tokenizer(cfg.data)
+    if size != cfg.model.vocab_size:
         raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer ({path}: "
-            f"{tokenizer.get_vocab_size()} tokens); raise model.vocab_size"
+            f"model.vocab_size: {cfg.model.vocab_size} differs from the dataset's tokenizer ({where}: {size} tokens); "
+            f"set model.vocab_size={size}, or prepare the dataset for this model with `mor data prepare --config "
+            "CONFIG` (it trains the tokenizer at model.vocab_size)"
         )
     return tokenizer

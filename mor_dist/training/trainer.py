@@ -173,9 +173,17 @@ class Trainer:
             if key.startswith(("aux/", "stats/")):
                 scalars[("train/" + key[4:]) if key.startswith("aux/") else ("routing/" + key[6:])] = value
         self.tb.scalars(scalars, self.step)
+        self._log_data()
         remaining = (self.cfg.train.steps - self.step) * self.tokens_per_step / max(tokens_per_s, 1e-9)
         log.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | data wait %.2fs | ETA %s", self.step,
                  self.cfg.train.steps, metrics["loss"], lr, tokens_per_s, data_wait, _hms(remaining))
+
+    def _log_data(self) -> None:
+        """data/tokens/<source>: tokens each data source has given all ranks (from the loader's state,
+        so no communication and the same after a resume)."""
+        counts = self.train_loader.source_samples()
+        self.tb.scalars({f"data/tokens/{name}": n * self.cfg.data.seq_len
+                         for name, n in zip(self.train_loader.source_names(), counts)}, self.step)
 
     # ------------------------------------------------------------------ validation
     def evaluate(self) -> float | None:

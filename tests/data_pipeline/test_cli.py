@@ -50,7 +50,50 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 def test_tokenizer_command_with_config(tmp_path, capsys, text_files):
     out = tmp_path / "tok.json"
     code = run(["data", "tokenizer", *map(str, text_files), "-o", str(out), "--config", REPO_CONFIG,
-                "--set", "data.vocab_size=300"])
+                "--set", "model.vocab_size=300", "--set", "data.vocab_size=300"])
     assert code == 0
     info = json.loads(capsys.readouterr().out)
     assert info["vocab_size"] == 300 and info["fingerprint"] == file_fingerprint(out)
+
+
+def test_prepare_with_config_trains_at_the_model_vocabulary(tmp_path, capsys, text_files, tokenizer_file):
+    args = ["data", "prepare", *map(str, text_files[:1]), "--seq-len", "16", "--no-progress", "--config", REPO_CONFIG]
+    # data.vocab_size unset: the model's size is used.
+    code = run([*args, "-o", tmp_path / "a", "--set", "model.vocab_size=300", "--set", "data.vocab_size=null"])
+    assert code == 0, capsys.readouterr().err
+    assert load_manifest(tmp_path / "a").tokenizer["vocab_size"] == 300
+    capsys.readouterr()
+    # Any other size, asked for or given as a tokenizer, is refused with both numbers.
+    assert run([*args, "-o", tmp_path / "b", "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mor: --vocab-size: 300 differs from model.vocab_size=4096 of ") and err.count("\n") == 1
+    assert run([*args, "-o", tmp_path / "c", "--tokenizer", tokenizer_file]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mor: {tokenizer_file}: the tokenizer has 512 tokens, model.vocab_size of ")
+    assert "is 4096; set model.vocab_size=512" in err and not (tmp_path / "c").exists()
+
+
+def test_training_refuses_a_dataset_for_another_vocabulary(dataset, tmp_path):
+    """Smaller or larger than the model's: refused before anything is built, naming both sizes."""
+    import subprocess
+    import sys
+
+    from tests.training.conftest import REPO, mor_env, tiny_overrides
+
+    procs = {}
+    for size in (500, 600):
+        argv = ["train", REPO_CONFIG, *tiny_overrides(dataset.dir, tmp_path / f"run{size}", model__vocab_size=size)]
+        procs[size] = subprocess.Popen([sys.executable, "-m", "mor_dist.cli", *argv], cwd=REPO, env=mor_env(),
+                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for size, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-2000:]
+        assert err.startswith(f"mor: model.vocab_size: {size} differs from the dataset's tokenizer "
+                              f"({dataset.dir / 'tokenizer.json'}: 512 tokens); set model.vocab_size=512"), err
+        assert err.count("\n") == 1 and not (tmp_path / f"run{size}" / "config.yaml").exists()
+
+
+def test_prepare_refuses_a_url_as_output(tmp_path, capsys, text_files, tokenizer_file):
+    code = run(["data", "prepare", text_files[0], "-o", "https://host/web", "--tokenizer", tokenizer_file])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("mor: https://host/web: prepare writes a local directory; give a path")

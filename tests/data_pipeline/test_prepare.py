@@ -147,3 +147,48 @@ def test_too_little_text_is_an_error(tmp_path, tokenizer_file):
     f.write_text("hi")
     with pytest.raises(DataError, match="not enough for one sample"):
         prep.prepare_dataset(tmp_path / "x", [str(f)], seq_len=64, tokenizer=tokenizer_file, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def large_files(tmp_path_factory, text_files):
+    """One .jsonl and one parquet file of real text, large enough to be split into parts."""
+    from mor_dist.data_pipeline.corpus import plan_parts
+
+    root = tmp_path_factory.mktemp("large")
+    text = "".join(f.read_text(encoding="utf-8") for f in text_files)
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    docs = paras * (1 + 700_000 // len(text))
+    jsonl, parquet = root / "big.jsonl", root / "big.parquet"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs}), parquet, row_group_size=max(1, len(docs) // 40))
+    assert len(plan_parts(jsonl)) > 2 and len(plan_parts(parquet)) > 2
+    return jsonl, parquet
+
+
+def test_parts_hold_the_documents_of_the_whole_file(large_files):
+    from mor_dist.data_pipeline.corpus import iter_pieces, plan_parts
+
+    for f in large_files:
+        whole = list(iter_pieces(f))
+        parts = plan_parts(f)
+        assert sum(n for _, n in parts) == f.stat().st_size
+        assert [d for part, _ in parts for d in iter_pieces(f, part=part)] == whole
+    jsonl = large_files[0]
+    whole = list(iter_pieces(jsonl))
+    line_start = len(jsonl.read_bytes().split(b"\n", 1)[0]) + 1  # where line 2 starts
+    size = jsonl.stat().st_size
+    for cut in (line_start - 1, line_start, line_start + 1):  # a range may start exactly at a line
+        pieces = [list(iter_pieces(jsonl, part=("bytes", lo, hi))) for lo, hi in ((0, cut), (cut, size))]
+        assert pieces[0] + pieces[1] == whole and len(pieces[0]) == 1 + (cut > line_start)
+
+
+def test_one_large_file_splits_over_workers_into_identical_output(tmp_path, large_files, tokenizer_file):
+    for f in large_files:
+        one = prepare_small(tmp_path / f"{f.suffix}-1", [f], tokenizer_file, workers=1)
+        two = prepare_small(tmp_path / f"{f.suffix}-2", [f], tokenizer_file, workers=2)
+        assert one.data == two.data and one.data["splits"]["train"]["samples"] > 3 * SHARD_SAMPLES
+        for s in one.shards("train") + one.shards("val"):
+            assert (one.dir / s["file"]).read_bytes() == (two.dir / s["file"]).read_bytes()

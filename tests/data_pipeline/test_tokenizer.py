@@ -45,3 +45,30 @@ def test_errors_name_the_file(tmp_path):
 
 def test_dtype_fits_vocab():
     assert toklib.token_dtype(65536) == "<u2" and toklib.token_dtype(65537) == "<u4"
+
+
+def test_trained_vocabulary_is_exactly_the_size_asked(text_files):
+    """Too little text for the merges asked: reserved tokens fill up to vocab_size, never produced."""
+    text = text_files[0].read_text(encoding="utf-8")[:3000]
+    tok = toklib.train_tokenizer([text], 2000)
+    assert tok.get_vocab_size() == 2000 and tok.token_to_id("<|reserved_0|>") is not None
+    reserved = {tok.token_to_id(t) for t in tok.get_vocab() if t.startswith("<|reserved_")}
+    assert not reserved & set(tok.encode(text).ids)
+    big = toklib.train_tokenizer([t.read_text(encoding="utf-8") for t in text_files], 300)
+    assert big.get_vocab_size() == 300 and big.token_to_id("<|reserved_0|>") is None
+
+
+def test_which_tokenizers_may_tokenize_text_in_pieces(tokenizer_file):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    assert toklib.splits_safely(toklib.load_tokenizer(tokenizer_file))
+    sp = Tokenizer(models.BPE())  # SentencePiece-style (Llama 2): a cut would add a "▁" at the piece start
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert not toklib.splits_safely(sp)
+    gpt = Tokenizer(models.BPE())
+    gpt.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    gpt.normalizer = normalizers.NFC()
+    assert toklib.splits_safely(gpt)
+    gpt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert not toklib.splits_safely(gpt)

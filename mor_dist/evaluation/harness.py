@@ -1,0 +1,161 @@
+"""`mor eval`: lm-evaluation-harness on a run's model, through its Hugging Face export.
+
+The model is evaluated as any Hugging Face model is: lm-eval's own `hf` model class loads the export
+folder with trust_remote_code (mor_dist/hf/modeling_mor.py: causal routing, the decisions inference
+makes), so `mor eval` and a plain `lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True`
+score the same thing. A run folder is exported first (its latest checkpoint, or --step) into
+RUN/eval/hf_export/. Results: the harness's table on stdout, a JSON file under FOLDER/eval/, and
+for a run folder the TensorBoard scalars eval/<task>/<metric> at the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from mor_dist.checkpoint import CheckpointError
+from mor_dist.config import ConfigError
+
+log = logging.getLogger("mor.eval")
+
+# Metrics worth a TensorBoard curve (the harness also reports stderrs, which are not).
+TB_METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "exact_match", "f1")
+
+
+def _require_harness():
+    try:
+        import lm_eval  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{e.name}: not installed; `mor eval` needs lm-evaluation-harness and transformers: "
+                          "pip install -e '.[eval]'") from None
+
+
+def folder_kind(path: str | Path) -> str:
+    """"run" (config.yaml + checkpoints/) or "export" (model.safetensors + config.yaml)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
+        return "run"
+    if (path / "model.safetensors").is_file() and (path / "config.yaml").is_file():
+        return "export"
+    raise CheckpointError(f"{path}: neither a run folder (config.yaml + checkpoints/) nor an export folder "
+                          "(model.safetensors + config.yaml); give one of those")
+
+
+def model_folder(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
+    """(Hugging Face folder to load, checkpoint step or None). A run folder is exported, with the HF
+    files, into RUN/eval/hf_export/; an export folder without the HF files gets them."""
+    from mor_dist.config import load_config
+    from mor_dist.hf.export import HF_FILES, write_hf_files
+    from mor_dist.training.export import export
+
+    path = Path(path)
+    if folder_kind(path) == "run":
+        out = path / "eval" / "hf_export"
+        export(path, out, step, hf=True)
+        return out, json.loads((out / "export.json").read_text())["step"]
+    if step is not None:
+        raise ConfigError(f"--step: {path} is an export folder (one step); drop --step, or give the run folder")
+    needed = HF_FILES + (("tokenizer_config.json",) if (path / "tokenizer.json").is_file() else ())
+    if not all((path / f).is_file() for f in needed):
+        write_hf_files(path, load_config(path / "config.yaml"))
+        log.info("added the Hugging Face files to %s", path)
+    meta = path / "export.json"
+    return path, (json.loads(meta.read_text()).get("step") if meta.is_file() else None)
+
+
+def _check_tokenizer(hf_dir: Path) -> None:
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: missing, and the harness needs the tokenizer; export a "
+                              "run whose dataset has one (data.dataset_dir/tokenizer.json or data.tokenizer)")
+
+
+def task_manager(tasks: list[str], include_paths: list[str]):
+    """A TaskManager that knows every requested task. Indexing the harness's built-in tasks takes
+    ~10 s, so when --include-path has them all, the built-ins are left out."""
+    from lm_eval.tasks import TaskManager
+
+    for p in include_paths:
+        if not Path(p).is_dir():
+            raise ConfigError(f"--include-path: {p} is not a folder; give the folder that holds the task YAMLs")
+    if include_paths:
+        local = TaskManager(include_path=include_paths, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    tm = TaskManager(include_path=include_paths or None)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        where = " or under --include-path" if include_paths else ""
+        raise ConfigError(f"--tasks: {', '.join(unknown)}: not a task, group or tag of lm-evaluation-harness{where}; "
+                          "check the name (`lm_eval ls tasks`), or point --include-path at your task YAML")
+    return tm
+
+
+def evaluate(path: str | Path, tasks: list[str], limit: int | None = None, num_fewshot: int | None = None,
+             include_paths: list[str] = (), batch_size: int = 8, device: str | None = None,
+             step: int | None = None, log_samples: bool = False) -> dict:
+    """Run the harness; returns its results dict (with "samples" when log_samples) plus "mor": where
+    the JSON went and which step was evaluated."""
+    _require_harness()
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    if not tasks:
+        raise ConfigError("--tasks: empty; name at least one task, e.g. --tasks hellaswag,piqa")
+    if device and not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"--device: {device!r} is not cpu or cuda[:N]; use one of those")
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {device} but torch sees no CUDA device; use --device cpu")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    is_run = folder_kind(path) == "run"  # a wrong folder or task fails before anything is written
+    tm = task_manager(list(tasks), list(include_paths))
+    hf_dir, ckpt_step = model_folder(path, step)
+    _check_tokenizer(hf_dir)
+    out_dir = Path(path)
+    model_args = {"pretrained": str(hf_dir), "trust_remote_code": True, "dtype": "float32"}
+    try:
+        results = simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), num_fewshot=num_fewshot,
+                                  limit=limit, batch_size=batch_size, device=device, task_manager=tm,
+                                  log_samples=log_samples)
+    except OSError as e:
+        # The model is local: a network error, or a datasets/hub error, is the tasks' data.
+        hub = type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub")
+        if not (isinstance(e, ConnectionError) or hub):
+            raise
+        raise ConfigError(f"--tasks: the data of {', '.join(tasks)} could not be loaded ({str(e).splitlines()[0]}); "
+                          "without hub access use local task files (docs/evaluation.md)") from None
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = out_dir / "eval" / (f"step_{ckpt_step}-{stamp}.json" if ckpt_step is not None else f"{stamp}.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    record = {k: results[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
+                                      "higher_is_better", "n-samples", "config") if k in results}
+    record["mor"] = {"model": str(path), "hf_folder": str(hf_dir), "step": ckpt_step, "tasks": list(tasks),
+                     "limit": limit, "num_fewshot": num_fewshot}
+    json_path.write_text(json.dumps(record, indent=2, default=handle_non_serializable) + "\n")
+    print(json_path)
+
+    if is_run and ckpt_step is not None:
+        _tensorboard(out_dir, results["results"], ckpt_step)
+    results["mor"] = {"json": str(json_path), "step": ckpt_step}
+    return results
+
+
+def _tensorboard(run_dir: Path, per_task: dict, step: int) -> None:
+    from mor_dist.training.tb_logger import TensorBoardLogger
+
+    scalars = {}
+    for task, metrics in per_task.items():
+        for key, value in metrics.items():
+            metric, _, _ = key.partition(",")
+            if metric in TB_METRICS and isinstance(value, (int, float)):
+                scalars[f"eval/{task}/{metric}"] = value
+    tb = TensorBoardLogger(run_dir / "tensorboard", True)
+    tb.scalars(scalars, step)
+    tb.close()

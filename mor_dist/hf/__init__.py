@@ -1,0 +1,2 @@
+"""Hugging Face export: `mor export RUN -o OUT --hf` (export.py) and the self-contained modeling and
+configuration files it copies into OUT (modeling_mor.py, configuration_mor.py: torch + transformers only)."""
