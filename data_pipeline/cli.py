@@ -23,7 +23,8 @@ def _data_config(args):
         cfg = load_config(args.config, args.overrides)
         return cfg.data, cfg.model.vocab_size
     if args.overrides:
-        raise ConfigError("--set: overrides apply to the data: group of a config; add --config CONFIG")
+        raise ConfigError(f"{args.overrides[0]}: a key=value override (or --set) applies to a config; add "
+                          "--config CONFIG")
     from mor_dist.data_pipeline.config import DataConfig
 
     return DataConfig(), None
@@ -130,9 +131,12 @@ def _verify(args) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    """--config, and its overrides: a positional KEY=VALUE among the inputs (`mor` moves them to
+    args.overrides), or --set KEY=VALUE."""
     p.add_argument("--config", help="YAML config whose data: group supplies the defaults")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override (with --config), e.g. --set data.seq_len=512; repeatable")
+    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (with --config), the same as a positional KEY=VALUE, e.g. "
+                   "data.seq_len=512; repeatable")
 
 
 def _key_flag(key: str, kind=int):
@@ -152,7 +156,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                                    "uses the default corpus (this Python's standard-library sources). "
                                    "With --config the tokenizer is trained at model.vocab_size. "
                                    "Rerun after an interruption to continue.")
-    p.add_argument("inputs", nargs="*", help="files, directories or globs (default: data.inputs, else the default corpus)")
+    p.add_argument("inputs", nargs="*", help="files, directories or globs (default: data.inputs, else the default "
+                   "corpus); KEY=VALUE items are config overrides")
     p.add_argument("--default-corpus", action="store_true", help="use the standard-library sources")
     p.add_argument("-o", "--out", help="dataset directory (default: data.dataset_dir)")
     p.add_argument("--seq-len", type=_key_flag("seq_len"),
@@ -176,7 +181,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer and save tokenizer.json")
-    p.add_argument("inputs", nargs="*", help="files, directories or globs (default: data.inputs, else the default corpus)")
+    p.add_argument("inputs", nargs="*", help="files, directories or globs (default: data.inputs, else the default "
+                   "corpus); KEY=VALUE items are config overrides")
     p.add_argument("-o", "--out", required=True, help="where to write tokenizer.json")
     p.add_argument("--vocab-size", type=_key_flag("vocab_size"), help="vocabulary (with --config: model.vocab_size)")
     p.add_argument("--tokenizer-train-bytes", type=_key_flag("tokenizer_train_bytes"),
@@ -187,6 +193,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every shard of a prepared dataset against its manifest (sha256)")
     p.add_argument("dataset", nargs="?", help="dataset directory or URL (default: data.dataset_dir)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (with --config)")
     p.add_argument("--read-samples", action="store_true", help="also read and check every sample")
     _common(p)
     p.set_defaults(func=_verify)

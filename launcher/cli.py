@@ -1,4 +1,5 @@
-"""`mor submit` and `mor status`: the SLURM side of the command line."""
+"""`mor submit` and `mor status`: the SLURM side of the command line. Neither module imports torch
+(`mor status` answers at once); submit loads the config only when it runs."""
 
 from __future__ import annotations
 

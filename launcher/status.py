@@ -13,6 +13,29 @@ FAILED_STATES = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
 STEP_LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.naif]+)")
 # Lines worth showing first when a job failed: mor's own user errors, exceptions, srun's verdicts.
 ERROR_LINE = re.compile(r"^(mor: |srun: error|\w*(Error|Exception)\b)|mor-slurm: |Error: ")
+# Why a pending job waits, in words (scontrol's Reason; any other is shown as SLURM spells it).
+PENDING_REASONS = {
+    "Priority": "jobs of higher priority are ahead of it",
+    "Resources": "waiting for nodes to become free",
+    "Dependency": "waiting for the job it depends on to end",
+    "BeginTime": "held until its begin time (a requeued job waits there briefly)",
+    "JobHeldUser": "held by its user; `scontrol release JOBID` lets it go",
+    "JobHeldAdmin": "held by an administrator",
+    "ReqNodeNotAvail": "a node it needs is down, drained or reserved",
+    "PartitionTimeLimit": "its --time exceeds the partition's limit: it will not start; resubmit with a shorter --time",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows: it will not start; resubmit with fewer",
+    "DependencyNeverSatisfied": "its dependency can never be met: it will not start; cancel it",
+    "QOSMaxJobsPerUserLimit": "your quality-of-service limit on running jobs is reached",
+}
+
+
+def pending_line(info: dict) -> str:
+    """A pending job's reason and SLURM's expected start (known once the scheduler has planned it)."""
+    reason = info.get("Reason", "None")
+    why = PENDING_REASONS.get(reason.split(",")[0], "")
+    start = info.get("StartTime", "Unknown")
+    when = "not estimated yet" if start in ("Unknown", "None", "N/A", "") else start
+    return f"pending     {reason}{': ' + why if why else ''}; expected start {when}"
 
 
 def last_step(run_dir: Path) -> tuple[int, int, str] | None:
@@ -68,9 +91,12 @@ def _status(args) -> int:
             continue
         state = info.get("JobState", "?")
         reason = info.get("Reason", "None")
+        nodes = info.get("NodeList", "?")
         print(f"job         {rec['job_id']}  {state}  exit {info.get('ExitCode', '?')}  restarts "
-              f"{info.get('Restarts', '0')}  nodes {info.get('NodeList', '?')}  runtime {info.get('RunTime', '?')}"
-              + (f"  reason {reason}" if reason not in ("None", "") else ""))
+              f"{info.get('Restarts', '0')}  nodes {'-' if nodes in ('', '(null)') else nodes}  runtime "
+              f"{info.get('RunTime', '?')}" + (f"  reason {reason}" if reason not in ("None", "") else ""))
+        if state == "PENDING":
+            print(pending_line(info))
         if latest and (state in FAILED_STATES or info.get("ExitCode", "0:0") != "0:0"):
             code = 1
             print(f"error       job {rec['job_id']} {state}; from its log {rec['log']}:")

@@ -24,6 +24,7 @@ from mor_dist.checkpoint.errors import CheckpointError, UnsafeCheckpointError
 _torch_load = torch.load  # the real one, before any guard replaces the module attribute
 _guard_lock = threading.Lock()
 _guard_depth = 0
+_transforms: list = []  # applied, in order, to what a guarded load returns
 
 
 # ZeRO optimizer files: the stage (an Enum), the loss scaler (two numbers), flat-buffer fragments.
@@ -99,21 +100,29 @@ def _refusal(path, e: Exception) -> UnsafeCheckpointError:
 
 def _guarded_load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
     # DeepSpeed's calls pass weights_only=False: ignored on purpose, that is the point of the guard.
-    return safe_load(f, map_location=map_location, mmap=mmap)
+    obj = safe_load(f, map_location=map_location, mmap=mmap)
+    for transform in list(_transforms):
+        obj = transform(obj)
+    return obj
 
 
 @contextlib.contextmanager
-def guarded_loads():
-    """Within the block, torch.load anywhere in this process (DeepSpeed included) is safe_load."""
+def guarded_loads(transform=None):
+    """Within the block, torch.load anywhere in this process (DeepSpeed included) is safe_load;
+    `transform(obj) -> obj`, when given, also sees everything loaded (universal conversion fixes)."""
     global _guard_depth
     with _guard_lock:
         if _guard_depth == 0:
             torch.load = _guarded_load
         _guard_depth += 1
+        if transform is not None:
+            _transforms.append(transform)
     try:
         yield
     finally:
         with _guard_lock:
+            if transform is not None:
+                _transforms.remove(transform)
             _guard_depth -= 1
             if _guard_depth == 0:
                 torch.load = _torch_load

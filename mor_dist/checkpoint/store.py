@@ -18,11 +18,14 @@ partial folder on every rank's word and leaves `latest` as it was.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import errno
 import json
 import os
 import random
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -49,6 +52,7 @@ _written: dict[str, dict] = {}
 
 def write_file(obj, path: Path, **save_kwargs) -> None:
     """torch.save hashed on its way to disk and fsynced."""
+    fault_point(f"write {Path(path).name}")
     writer = HashingWriter(path)
     try:
         torch.save(obj, writer, **save_kwargs)
@@ -75,14 +79,80 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _all_ok(ok: bool) -> bool:
+def _all_ok(ok: bool, group=None) -> bool:
     """True on every rank when it is true on every rank (also a barrier)."""
     if _world() == 1:
         return ok
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
+
+
+def _first_error(fn) -> OSError | None:
+    try:
+        fn()
+    except OSError as e:
+        return e
+    return None
+
+
+# ---------------------------------------------------------------------- asynchronous saves
+_staging: list | None = None  # while a background save stages its files: [(host copy, path, kwargs)]
+
+
+def stage_or_write(obj, path, **save_kwargs) -> None:
+    """write_file, or -- inside staged() -- keep a host-memory copy of obj for a later write_file."""
+    if _staging is None:
+        write_file(obj, path, **save_kwargs)
+    else:
+        _staging.append((host_copy(obj), Path(path), save_kwargs))
+
+
+@contextlib.contextmanager
+def staged():
+    global _staging
+    _staging = files = []
+    try:
+        yield files
+    finally:
+        _staging = None
+
+
+def host_copy(obj):
+    """A copy that later training steps cannot change: tensors copied to host memory (a view copies
+    only its own elements), containers rebuilt, anything else deep-copied."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class _Pending:
+    """A save being finished by a background thread (daemon: a process that dies or raises on the
+    way out does not wait for it; the save then never reaches `latest`, as after a kill)."""
+
+    def __init__(self, final: Path):
+        self.final, self.error = final, None
+        self.thread = None
+
+    def start(self, fn, *args) -> None:
+        def run():
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the thread that waits
+                self.error = e
+        self.thread = threading.Thread(target=run, name=f"save {self.final.name}", daemon=True)
+        self.thread.start()
+
+    def join(self) -> Path:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.final
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,6 +208,8 @@ class CheckpointManager:
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.verify_mode = verify
+        self._pending: _Pending | None = None  # a background save in flight
+        self._group = None  # the background saves' process group (world > 1)
 
     @staticmethod
     def step_name(step: int) -> str:
@@ -236,9 +308,16 @@ class CheckpointManager:
             set_rng_state(safe_load(f))
 
     # ------------------------------------------------------------------ writing
-    def save(self, step: int, meta: dict, write_shards: Callable[[Path], None]) -> Path:
+    def save(self, step: int, meta: dict, write_shards: Callable[[Path], None], background: bool = False,
+             on_done: Callable[[Path], None] | None = None) -> Path:
         """Collective: every rank calls it. write_shards(tmp_dir) writes this rank's model/optimizer
-        files. Returns the final folder."""
+        files. Returns the final folder. A save first waits for the one in flight, if any.
+
+        background: write_shards only stages its files in host memory (store.staged); a thread
+        writes them and finishes the save -- same files, checksums, fsyncs and commit order -- while
+        the caller trains on. wait() returns when it is done (and raises its error); on_done(folder)
+        runs in that thread on success."""
+        self.wait()
         final = self.root / self.step_name(step)
         tmp = final.with_name(final.name + ".tmp")
         latest = self.latest_name()
@@ -251,28 +330,67 @@ class CheckpointManager:
                 tmp.mkdir()
             except OSError as e:
                 error = e
+        if not background:
+            agreed = _all_ok(error is None)
+            if agreed:
+                error = _first_error(lambda: (write_shards(tmp), write_file(rng_state(), tmp / f"rng_rank{_rank()}.pt")))
+            self._finish(step, meta, tmp, final, latest, error, wrote=agreed)
+            if on_done is not None:
+                on_done(final)
+            return final
+        files: list = []
         if _all_ok(error is None):
-            try:
-                write_shards(tmp)
-                write_file(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-                self._write_records(tmp)
-            except OSError as e:
-                error = e
-        if not _all_ok(error is None):
+            with staged() as files:
+                error = _first_error(lambda: (write_shards(tmp), stage_or_write(rng_state(), tmp / f"rng_rank{_rank()}.pt")))
+        if not _all_ok(error is None):  # staging touches the disk only for folders
+            self._finish(step, meta, tmp, final, latest, error, wrote=False)
+        group = self._background_group()
+        self._pending = _Pending(final)
+        self._pending.start(self._write_staged, files, step, meta, tmp, final, latest, group, on_done)
+        return final
+
+    def wait(self) -> Path | None:
+        """Block until the background save in flight (if any) is done: its folder, or its error."""
+        pending, self._pending = self._pending, None
+        return pending.join() if pending is not None else None
+
+    def _write_staged(self, files: list, step, meta, tmp, final, latest, group, on_done) -> None:
+        def write_all():
+            while files:  # each file's host copy is freed once written
+                obj, path, kwargs = files.pop(0)
+                write_file(obj, path, **kwargs)
+        self._finish(step, meta, tmp, final, latest, _first_error(write_all), group)
+        if on_done is not None:
+            on_done(final)
+
+    def _background_group(self):
+        """A process group of its own for the background thread's agreements: collectives of two
+        threads on one group could pair up differently on different ranks. Made once, by every rank
+        together, from the main thread."""
+        if _world() == 1:
+            return None
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _finish(self, step: int, meta: dict, tmp: Path, final: Path, latest: str | None, error: OSError | None,
+                group=None, wrote: bool = True) -> None:
+        """Every rank's files are written (or `error` says why not; wrote=False: nothing was, another
+        rank failed first): records, agreement, rank 0's commit, agreement. A failure anywhere removes
+        the partial folder and raises."""
+        if error is None and wrote:
+            error = _first_error(lambda: self._write_records(tmp))
+        if not _all_ok(error is None, group):
             self._discard(tmp)
             raise CheckpointError(_write_error(error, latest) if error else
                                   f"{tmp}: another rank failed to write its part of the checkpoint (see its "
                                   f"message); `latest` still names {latest}")
         if _rank() == 0:
-            try:
-                self._commit(step, meta, tmp, final)
-            except OSError as e:
-                error = e
-        if not _all_ok(error is None):
+            error = _first_error(lambda: self._commit(step, meta, tmp, final))
+        if not _all_ok(error is None, group):
             self._discard(tmp)
             raise CheckpointError(_write_error(error, self.latest_name()) if error else
                                   f"{tmp}: rank 0 failed to finish the checkpoint (see its message)")
-        return final
 
     def _write_records(self, tmp: Path) -> None:
         """This rank's files of the save, with the checksums taken while writing them."""

@@ -16,10 +16,11 @@ def tokens_per_step(cfg) -> int:
 
 def budget_steps(cfg) -> int | None:
     """The steps train.flops_budget or train.tokens buys; None when neither is set."""
-    from mor_dist.model.accounting import train_flops_per_token
-
     t, per_step = cfg.train, tokens_per_step(cfg)
     if t.flops_budget is not None:
+        from mor_dist.model.accounting import train_flops_per_token  # torch: only when needed
+
+
         step_flops = train_flops_per_token(cfg) * per_step
         steps = int(t.flops_budget // step_flops)
         if steps < 1:

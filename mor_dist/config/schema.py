@@ -108,6 +108,10 @@ class TrainConfig:
     eval_interval: int = ranged(200, ">= 0")  # optimizer steps between evaluations; 0 = never
     eval_batches: int = ranged(20, ">= 0")  # micro-batches per evaluation; >= 1 when eval_interval > 0
     nan_policy: str = "stop"  # stop | skip (skip the step, count it in TensorBoard)
+    # torch.compile the model's forward (and so its backward) where the layout allows: one process
+    # or data parallelism with ZeRO 0-2; tensor/pipeline parallelism and ZeRO-3 stay eager (a warning
+    # says so). The first steps pay the compilation.
+    compile: bool = False
 
 
 @dataclass
@@ -136,6 +140,11 @@ class CheckpointConfig:
     # checksum taken at save time), size (truncation only) or none. A damaged `latest` falls back to
     # the newest intact checkpoint.
     verify: str = "sha256"
+    # Write checkpoints in the background: at the step boundary each rank's state is copied to host
+    # memory (as much again as its shard of weights and optimizer state), then a thread writes it
+    # while training goes on; atomicity, checksums and `latest` work as for a synchronous save, and a
+    # new save first waits for the one in flight. (`async` itself is a Python keyword.)
+    async_save: bool = False
 
 
 @dataclass
@@ -143,7 +152,8 @@ class LoggingConfig:
     run_dir: str = "runs/default"  # holds checkpoints/, tensorboard/, config.yaml, logs
     log_interval: int = ranged(10, ">= 1")  # optimizer steps between log lines / scalars
     tensorboard: bool = True
-    peak_tflops: float = ranged(1.0, "> 0")  # per device, for MFU; set to the accelerator's dense bf16 peak
+    peak_tflops: Optional[float] = ranged(None, "> 0")  # per device, for MFU; unset: the GPU's dense bf16 peak
+    # from a table (H100, H200, A100, L40S, MI300, B200), or on a CPU its measured fp32 matmul rate
 
 
 @dataclass

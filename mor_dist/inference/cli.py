@@ -127,9 +127,9 @@ def add_inference_parsers(sub) -> None:
                        "fill, recursion depths and KV-cache bytes per token. Give a checkpoint, or --config "
                        "for random weights (throughput only).")
     p.add_argument("checkpoint", nargs="?", help="export folder or run folder")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for --config, e.g. model.recursions=4 (--set KEY=VALUE also works)")
     p.add_argument("--config", help="YAML config for a random-weight model instead of a checkpoint")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotlist override for --config, repeatable, e.g. --set model.recursions=4")
     p.add_argument("--requests", type=flag_type(">= 1"), default=32)
     p.add_argument("--prompt-len", type=flag_type(">= 1"), default=64)
     p.add_argument("--gen-len", type=flag_type(">= 1"), default=64)

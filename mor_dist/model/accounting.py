@@ -59,7 +59,10 @@ def step_token_fractions(cfg) -> list[float]:
     return [1.0] * nr
 
 
-def forward_flops_per_token(cfg) -> float:
+def forward_flops_pieces(cfg) -> dict:
+    """Forward FLOPs per token of each piece of the model, in its order: the unique first layers
+    (with the token-choice router), each recursion step (with its expert router), the unique last
+    layers, and the output head (which the paper's accounting leaves out; pipeline stages do not)."""
     m, rt = cfg.model, cfg.routing
     lay = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers)
     t = cfg.data.seq_len
@@ -77,26 +80,31 @@ def forward_flops_per_token(cfg) -> float:
         attn = 2 * 2 * hd * m.n_heads * causal_pairs(nq, nk)  # QK^T and AV
         return lin + attn
 
-    total = (lay.prefix + lay.suffix) * layer(t, t, True)
+    first = lay.prefix * layer(t, t, True)
+    if rt.type == "token":
+        router = m.d_model * lay.recursions if rt.router == "linear" else (2 * m.d_model**2 + 2 * m.d_model * lay.recursions)
+        first += 2 * router * t
     fracs = step_token_fractions(cfg)
     share = cfg.kv.strategy == "share"
     n1 = fracs[0] * t if fracs else t
+    steps = []
     for r, f in enumerate(fracs):
         n = f * t
-        if share and r > 0:
-            total += lay.block * layer(n, n1, own_kv=False)
-        else:
-            total += lay.block * layer(n, n, own_kv=True)
+        cost = lay.block * (layer(n, n1, own_kv=False) if share and r > 0 else layer(n, n, own_kv=True))
         if rt.type == "expert":
             cand = (fracs[r - 1] if r else 1.0) * t
             router = m.d_model if rt.router == "linear" else (2 * m.d_model * m.d_model + 2 * m.d_model)
-            total += 2 * router * cand
-    if rt.type == "token":
-        router = m.d_model * lay.recursions if rt.router == "linear" else (2 * m.d_model**2 + 2 * m.d_model * lay.recursions)
-        total += 2 * router * t
+            cost += 2 * router * cand
+        steps.append(cost / t)
+    return {"first": first / t, "recursions": steps, "last": lay.suffix * layer(t, t, True) / t,
+            "head": 2 * m.d_model * m.vocab_size}
+
+
+def forward_flops_per_token(cfg) -> float:
+    pieces = forward_flops_pieces(cfg)
     # The output head is left out, as in the paper's accounting (its isoFLOP budgets match the
     # non-embedding count: 360m MoR Nr=2 / vanilla = 12.3 / 16.5).
-    return total / t
+    return pieces["first"] + sum(pieces["recursions"]) + pieces["last"]
 
 
 def train_flops_per_token(cfg) -> float:

@@ -45,6 +45,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
         self._tables: dict = {}
+        # Built now for the CPU: a table first built inside a compiled forward would make the next
+        # call fail the compiled graph's guard and compile again.
+        self.tables(torch.device("cpu"))
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)

@@ -7,7 +7,6 @@ pipeline schedule can place the pieces on different stages without touching this
 Where we differ from the authors' code (github raymin0223/mixture_of_recursions):
 - Recursive KV sharing gathers the active queries and computes only them at later recursions; the
   authors run the full sequence at every recursion and mask, which saves no compute (MOR.md 5).
-- Token-choice RoPE uses each token's original position; the authors' padded path renumbers them.
 - Capacity-warmup and max-depth-warmup step counters are a buffer (saved in checkpoints), and the
   evaluation routing is causal (sigmoid > 0.5 / argmax) rather than top-k over the whole sequence.
 """
@@ -15,6 +14,7 @@ Where we differ from the authors' code (github raymin0223/mixture_of_recursions)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,17 @@ from mor_dist.model.routers import (
     compact,
     topk_in_order,
 )
+
+
+def _plain(cfg):
+    """A config group as a plain object: the forward reads it at every call, and OmegaConf nodes
+    are slow to read and opaque to torch.compile."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    return SimpleNamespace(**obj) if isinstance(obj, dict) else obj
 
 
 @dataclass
@@ -64,7 +75,7 @@ class MoROutput:
 class MoRModel(nn.Module):
     def __init__(self, model_cfg, routing_cfg, kv_cfg):
         super().__init__()
-        m, rt = model_cfg, routing_cfg
+        m, rt = _plain(model_cfg), _plain(routing_cfg)
         self.cfg, self.routing, self.kv_strategy = m, rt, kv_cfg.strategy
         self.layout = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers)
         head_dim = m.head_dim or m.d_model // m.n_heads
@@ -95,8 +106,11 @@ class MoRModel(nn.Module):
         elif rt.type == "token":
             self.alpha = rt.alpha if rt.alpha is not None else (1.0 if rt.token_func == "softmax" else 0.1)
             self.token_router = TokenChoiceRouter(m.d_model, lay.recursions, rt.router, rt.token_func, self.alpha)
-        # Optimizer steps taken: drives capacity / max-depth warmups; saved with the model.
+        # Optimizer steps taken: drives capacity / max-depth warmups; saved with the model. The
+        # forward reads its host copy: reading the buffer would stop the device every recursion.
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        self.host_step = 0
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_host_step())
         self.apply(self._init)
 
     def _init(self, mod: nn.Module) -> None:
@@ -183,7 +197,10 @@ class MoRModel(nn.Module):
         logits = router(h_c)  # (B, Kc)
         causal_logits = router.causal_logits(h_c, logits)
         if s.mode == "topk":
-            c = capacity_at(self.capacity[r], int(self.train_step), self.routing.capacity_warmup_steps)
+            # The step counter only matters during a warmup; read outside one, torch.compile would
+            # specialize on it and recompile every step.
+            warmup = self.routing.capacity_warmup_steps
+            c = capacity_at(self.capacity[r], self.host_step if warmup else 0, warmup)
             k = min(max(1, int(c * t)), cand.shape[1])
             sel = topk_in_order(logits, k)  # slots among the candidates
             valid = None
@@ -193,7 +210,7 @@ class MoRModel(nn.Module):
             keep = causal_logits > 0
             if cand_valid is not None:
                 keep = keep & cand_valid
-            sel, valid = compact(keep)
+            sel, valid = compact(keep, min_width=1)  # (see _token_step)
         idx = cand.gather(1, sel)
         s.idx, s.valid = idx, valid
         self._record_active(r, s, (idx.numel() if valid is None else valid.sum()) / (b * t))
@@ -236,7 +253,7 @@ class MoRModel(nn.Module):
         logits, probs = router.probs(s.h)  # (B, T, Nr)
         scores = probs + router.bias if rt.balancing == "loss_free" else probs
         choice = scores.argmax(dim=-1)  # 0-based depth index
-        if self.training and int(self.train_step) < rt.max_depth_warmup_steps:
+        if self.training and rt.max_depth_warmup_steps and self.host_step < rt.max_depth_warmup_steps:
             choice = torch.full_like(choice, nr - 1)
         s.assigned = choice + 1
         s.gate = probs.gather(-1, choice.unsqueeze(-1))
@@ -248,9 +265,11 @@ class MoRModel(nn.Module):
             s.stats[f"router_bias/d{i + 1}"] = router.bias[i].detach().clone()
         if s.mode == "topk" and torch.is_grad_enabled():
             if rt.balancing == "loss":
-                # 0.1 * sum_i f_i P_i with f_i = Nr/T * tokens sent to i, P_i = mean prob of i.
+                # 0.1 * sum_i f_i P_i with f_i = Nr/T * tokens sent to i, P_i = mean prob of i -- the
+                # gate-scaled probability (alpha * p), as the authors' code computes it: with the
+                # sigmoid router (alpha 0.1) the loss is 10x smaller than with p itself.
                 f_i = nr * frac
-                p_i = probs.flatten(0, 1).mean(0) / self.alpha
+                p_i = probs.flatten(0, 1).mean(0)
                 s.aux["balance"] = rt.balance_coef * (f_i.detach() * p_i).sum()
             if rt.z_loss_coef > 0:
                 s.aux["router_z"] = rt.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -260,15 +279,17 @@ class MoRModel(nn.Module):
     def _token_step(self, r: int, s: RecursionState) -> None:
         b, t, d = s.h.shape
         active = s.assigned > r
-        order, valid = compact(active)
+        # The block runs at every recursion, on one padding slot per row when no token of this batch
+        # is active: ZeRO-3 gathers the block's weights per call, so data-parallel ranks whose batches
+        # differ must still make the same calls (skipping one hangs the others).
+        order, valid = compact(active, min_width=1)
         self._record_active(r, s, active.float().mean())
-        if order.shape[1]:
-            x = s.run.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
-            out = self._run_block(r, x, self._frame(r, s.pos.gather(1, order), valid, s))
-            if valid is not None:
-                out = torch.where(valid.unsqueeze(-1), out, x)
-            s.run = s.run.scatter(1, order.unsqueeze(-1).expand(-1, -1, d), out)
-            s.depth = s.depth + active.long()
+        x = s.run.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
+        out = self._run_block(r, x, self._frame(r, s.pos.gather(1, order), valid, s))
+        if valid is not None:
+            out = torch.where(valid.unsqueeze(-1), out, x)
+        s.run = s.run.scatter(1, order.unsqueeze(-1).expand(-1, -1, d), out)
+        s.depth = s.depth + active.long()
         if r == self.layout.recursions - 1:
             # Authors' update: H^1 + g_i * f^i(H^1), scaled once after the token's last recursion.
             s.h = s.h1 + s.gate.to(s.h.dtype) * s.run
@@ -278,9 +299,14 @@ class MoRModel(nn.Module):
         """Buffers the trainer sums across data-parallel ranks before after_optimizer_step()."""
         return [self.token_router.pending_load] if self.token_router is not None else []
 
+    def _sync_host_step(self) -> None:
+        """After a checkpoint load: the host copy of the step counter follows the loaded buffer."""
+        self.host_step = int(self.train_step)
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         self.train_step += 1
+        self.host_step += 1
         if self.token_router is not None and self.routing.balancing == "loss_free":
             self.token_router.update_bias(self.routing.bias_update_rate)
         elif self.token_router is not None:

@@ -48,13 +48,18 @@ def topk_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
-def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Slots of the kept entries of each row, in order, padded to the row maximum.
+def compact(keep: torch.Tensor, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Slots of the kept entries of each row, in order, padded to the row maximum (and to at least
+    min_width slots, all padding when nothing is kept).
 
     Returns (order (B, K), valid (B, K) or None when no row needed padding). Padding slots point at
     distinct dropped entries, so a scatter through them never collides with a kept one.
+
+    Two device-to-host syncs, inherent to a data-dependent shape: K (the most kept entries of a row)
+    and whether any row needs padding. Only causal routing (evaluation) and token-choice call it;
+    expert-choice training (top-k, k fixed by the capacity) never does.
     """
-    k_max = int(keep.sum(dim=1).max()) if keep.numel() else 0
+    k_max = max(int(keep.sum(dim=1).max()) if keep.numel() else 0, min(min_width, keep.shape[1]))
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k_max]
     valid = keep.gather(1, order)
     return order, (None if bool(valid.all()) else valid)

@@ -1,7 +1,8 @@
 """DeepSpeed engine for a (possibly tensor-parallel) MoRModel: config builder, the mpu object that
 tells DeepSpeed which ranks form the data-parallel group, and per-rank byte accounting.
 
-AdamW is torch's (no C++ op build on CPU); ZeRO 1/2/3 shard its state over the data-parallel group.
+AdamW is torch's (no C++ op build on CPU; fused on CUDA); ZeRO 1/2/3 shard its state over the
+data-parallel group. Under bf16, gradients accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -25,22 +26,44 @@ def uses_bf16(cfg) -> bool:
 def deepspeed_config(cfg, dims, load_universal: bool = False) -> dict:
     t, p = cfg.train, cfg.parallel
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    bf16 = uses_bf16(cfg)
     ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
         # DeepSpeed 0.19 clips at 1.0 unless told: always say it.
         "gradient_clipping": float(cfg.optim.grad_clip),
-        "zero_optimization": {"stage": int(p.zero_stage)},
-        "bf16": {"enabled": uses_bf16(cfg)},
+        "zero_optimization": zero_config(cfg.model.d_model, int(p.zero_stage)),
+        "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
+    if bf16 and p.zero_stage >= 1:
+        # Gradients summed over many micro-batches (16 in the paper's recipe) lose bits in bf16: keep
+        # the accumulation in fp32 (DeepSpeed supports it with ZeRO; without ZeRO it refuses).
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if dims.pp > 1:
         # The aux-loss scalar travels in the activation tuple; under TP it must not be partitioned.
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return ds
+
+
+def zero_config(d_model: int, stage: int) -> dict:
+    """ZeRO settings for the model's width. Buckets of about d_model^2 elements (the sizing Hugging
+    Face's DeepSpeed integration derives from the hidden size): large enough to keep the links busy,
+    small enough not to hold gigabytes of staging memory as DeepSpeed's 5e8-element defaults do.
+    On a GPU, gradient reduction overlaps the backward (separate CUDA streams; not on CPU/gloo)."""
+    z = {"stage": stage}
+    if stage == 0:
+        return z
+    bucket = d_model * d_model
+    z.update(contiguous_gradients=True, reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if stage == 3:
+        z.update(stage3_prefetch_bucket_size=int(0.9 * bucket), stage3_param_persistence_threshold=10 * d_model)
+    if torch.cuda.is_available():
+        z["overlap_comm"] = True
+    return z
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -53,8 +76,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def adamw(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
+    """torch's AdamW; on CUDA its fused kernel (one launch for all parameters, not a few per tensor)."""
     o = optim_cfg
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             fused=torch.cuda.is_available() or None)
 
 
 class MegatronMpu:
@@ -129,26 +154,34 @@ def rank_bytes(engine) -> dict[str, int]:
 
 def save_engine(engine, folder) -> None:
     """DeepSpeed checkpoint of any engine into `folder` (its name is the DeepSpeed tag), every file
-    written through our checksumming writer."""
+    written through our checksumming writer (or staged for a background write: store.staged)."""
     from mor_dist.checkpoint import deepspeed_io
 
     deepspeed_io.install(engine)
-    # universal_checkpoint_info lets ds_to_universal reshard ZeRO-1/2 saves to another DP size.
-    engine.save_checkpoint(
-        str(folder.parent), tag=folder.name, client_state={"universal_checkpoint_info": {}}, save_latest=False
-    )
+    # universal_checkpoint_info: what DeepSpeed's converter and checkpoint/universal.py need to read
+    # this save back at any other layout (model names, tensor-parallel splits, tied stages).
+    engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False,
+                           client_state={"universal_checkpoint_info": deepspeed_io.universal_info(engine)})
 
 
 def load_engine(engine, folder) -> None:
     """Load a DeepSpeed checkpoint: engine files through our restricted reader, and DeepSpeed's own
-    direct torch.load calls (universal checkpoints) guarded the same way."""
+    direct torch.load calls (universal checkpoints) guarded the same way. An engine built with
+    load_universal reads a universal/ folder (checkpoint/universal.py) by the model's names, then
+    the model's buffers from it."""
+    import contextlib
+
     from mor_dist.checkpoint import deepspeed_io
     from mor_dist.checkpoint.safe_load import guarded_loads
 
     deepspeed_io.install(engine)
-    with guarded_loads():
+    universal = engine.load_universal_checkpoint()
+    names = deepspeed_io.universal_names(engine) if universal else contextlib.nullcontext()
+    with guarded_loads(), names:
         path, _ = engine.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
         )
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}")
+    if universal:
+        deepspeed_io.load_buffers(engine, folder)

@@ -1,6 +1,7 @@
 """parallelize(model, cfg, dims): apply the layout's parallelism to a finished MoRModel, in order:
 tensor parallelism (megatron-core, with sequence parallelism as an option: sequence_parallel.py),
-then activation checkpointing. Data parallelism and ZeRO come
+then activation checkpointing, then torch.compile where the layout allows (compile.py). Data
+parallelism and ZeRO come
 with the DeepSpeed engine (train_module.py); pipeline stages with pipeline.py.
 
 check_layout(cfg) rejects layouts this package cannot run; it needs no process group, so launchers
@@ -43,3 +44,7 @@ def parallelize(model, cfg, dims) -> None:
         from mor_dist.parallel.activation_checkpoint import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    if cfg.train.compile:
+        from mor_dist.parallel.compile import apply_compile
+
+        apply_compile(model, cfg, dims)

@@ -146,8 +146,10 @@ class PipelineTrainModule:
         self.records.setdefault(key, []).append(float(value))
 
     # ------------------------------------------------------------------ steps
-    def train_step(self, micro_batches, lr: float) -> dict:
-        """The 1F1B schedule over the micro-batches, tied gradients summed across stages, one step."""
+    def train_step(self, micro_batches, lr: float, detail: bool = False) -> dict:
+        """The 1F1B schedule over the micro-batches, tied gradients summed across stages, one step.
+        (detail: per-group gradient norms are not computed under pipelines: the schedule steps the
+        optimizer itself, with no point between the last backward and the step.)"""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.records = {}
@@ -211,3 +213,4 @@ class PipelineTrainModule:
 
     def load(self, folder: Path) -> None:
         load_engine(self.engine, folder)
+        self.model._sync_host_step()  # the stages loaded the step counter, not the model's hook

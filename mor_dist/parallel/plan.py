@@ -47,10 +47,12 @@ class StageMemory:
     grad_bytes: int
     optimizer_bytes: int
     activation_bytes: int
+    # ZeRO-3's gathered parameters, communication buckets, the CUDA context and NCCL's buffers.
+    other_bytes: int = 0
 
     @property
     def total(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes + self.other_bytes
 
 
 def _tp_split(name: str) -> bool:
@@ -102,11 +104,17 @@ def layer_activation_elems(m, tp: int, sp: bool, own_kv: bool = True) -> float:
     hd = m.head_dim or m.d_model // m.n_heads
     q, kv, d, h = m.n_heads * hd, m.n_kv_heads * hd, m.d_model, m.n_heads
     split = 3 * q + h + 4 * m.d_ff + (2 * kv if own_kv else 0)
-    rope = 2 * hd if own_kv else hd
-    norms = 2 * (2 * d + 1)
-    if sp:
-        return norms / tp + 2 * d + split / tp + rope
+    norms, rope = layer_fp32_elems(m, tp, sp, own_kv)
     return norms + 2 * d + split / tp + rope
+
+
+def layer_fp32_elems(m, tp: int, sp: bool, own_kv: bool = True) -> tuple[float, float]:
+    """Of layer_activation_elems, the ones kept in fp32 whatever the training dtype: RMSNorm works
+    in fp32 (its input copy, the inverse RMS, the normalised value) and RoPE rotates fp32 copies
+    with fp32 tables. Returns (norm elements, RoPE elements) per token."""
+    hd = m.head_dim or m.d_model // m.n_heads
+    norms = 2 * (2 * m.d_model + 1)
+    return (norms / tp if sp else norms), (2 * hd if own_kv else hd)
 
 
 def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> int:
@@ -118,7 +126,13 @@ def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> i
     sp = p.sequence_parallel and tp > 1
     b, t = cfg.train.micro_batch_size, cfg.data.seq_len
     d = m.d_model
-    per_layer = layer_activation_elems(m, tp, sp)
+
+    def layer_bytes(own_kv: bool = True) -> float:
+        """Bytes one token of one layer saves, its fp32 parts at 4 bytes."""
+        f32 = sum(layer_fp32_elems(m, tp, sp, own_kv))
+        return (layer_activation_elems(m, tp, sp, own_kv) - f32) * elem + f32 * 4
+
+    per_layer = layer_bytes() / elem  # in units of `elem`, as the other counts below
     ckpt = p.activation_checkpointing
     lay = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers)
     fracs = step_token_fractions(cfg)
@@ -143,7 +157,7 @@ def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> i
     for r in range(start, start + plan[stage]):
         k = fracs[r] * tokens
         own_kv = cfg.kv.strategy != "share" or r == 0
-        block = k * (per_layer if own_kv else layer_activation_elems(m, tp, sp, own_kv=False)) * lay.block
+        block = k * (per_layer if own_kv else layer_bytes(own_kv=False) / elem) * lay.block
         if rt.type == "expert":
             # router input (the previous step's tokens); gated update's output and gate
             units += (fracs[r - 1] if r else 1.0) * tokens * d + k * d + 3 * k
@@ -188,11 +202,38 @@ def estimate(cfg, gpus: int) -> tuple[list[StageMemory], int]:
     out = []
     for s, n in enumerate(stage_params(cfg)):
         params = n * elem // (dp if zero >= 3 else 1)
-        grads = n * elem // (dp if zero >= 2 else 1)
+        # bf16 under ZeRO accumulates gradients in fp32 (engine.deepspeed_config).
+        grad_elem = 4 if elem == 2 and zero >= 1 else elem
+        grads = n * grad_elem // (dp if zero >= 2 else 1)
         opt_per = 8 if (zero == 0 and elem == 4) else 12
         optim = n * opt_per // (dp if zero >= 1 else 1)
-        out.append(StageMemory(s, n, params, grads, optim, _activation_bytes(cfg, s, plan, dp, elem)))
+        out.append(StageMemory(s, n, params, grads, optim, _activation_bytes(cfg, s, plan, dp, elem),
+                               _other_bytes(cfg, zero, elem, last=s == p.pipeline - 1)))
     return out, dp
+
+
+# The CUDA context, cuBLAS workspaces and NCCL's buffers per GPU rank: an allowance (typically
+# 0.5-1 GiB; measure with torch.cuda.mem_get_info before and after init on your cluster).
+CONTEXT_BYTES = GIB
+
+
+def _other_bytes(cfg, zero: int, elem: int, last: bool) -> int:
+    """ZeRO-3 gathers a whole layer's parameters for its forward and backward, plus its prefetch
+    bucket; ZeRO's reduce and all-gather buckets stage fp32 gradients (engine.zero_config sizes
+    them d_model^2); the loss's fp32 gradient of the logits exists at the start of the backward (last
+    stage); a GPU process holds its CUDA context."""
+    m, p = cfg.model, cfg.parallel
+    bucket = m.d_model * m.d_model
+    hd = m.head_dim or m.d_model // m.n_heads
+    layer = (2 * m.n_heads * hd + 2 * m.n_kv_heads * hd) * m.d_model + 3 * m.d_model * m.d_ff
+    out = CONTEXT_BYTES
+    if last:
+        out += cfg.train.micro_batch_size * cfg.data.seq_len * 4 * m.vocab_size // p.tensor
+    if zero >= 1:
+        out += 2 * bucket * 4
+    if zero >= 3:
+        out += (layer // p.tensor + int(0.9 * bucket)) * elem
+    return out
 
 
 def _fmt(n: float) -> str:
@@ -212,10 +253,21 @@ def run_plan(args) -> int:
           f"activation checkpointing {p.activation_checkpointing}, micro-batch {cfg.train.micro_batch_size} x "
           f"{cfg.data.seq_len} tokens")
     print(f"{'stage':>5} {'params/rank':>12} {'parameters':>12} {'gradients':>12} {'optimizer':>12} "
-          f"{'activations':>12} {'total':>12}")
+          f"{'activations':>12} {'other':>12} {'total':>12}")
     for s in stages:
         print(f"{s.stage:>5} {s.params:>12,} {_fmt(s.param_bytes):>12} {_fmt(s.grad_bytes):>12} "
-              f"{_fmt(s.optimizer_bytes):>12} {_fmt(s.activation_bytes):>12} {_fmt(s.total):>12}")
+              f"{_fmt(s.optimizer_bytes):>12} {_fmt(s.activation_bytes):>12} {_fmt(s.other_bytes):>12} "
+              f"{_fmt(s.total):>12}")
+    print("other = ZeRO-3's gathered layer and prefetch bucket, ZeRO's communication buckets, and a "
+          f"{CONTEXT_BYTES / GIB:.0f} GiB allowance for the CUDA context and NCCL")
+    if p.pipeline > 1:
+        from mor_dist.parallel.stages import stage_flops, stage_plan
+
+        plan = stage_plan(cfg)
+        flops = stage_flops(cfg, plan)
+        print(f"pipeline plan (recursions per stage): {plan}; training GFLOPs per token by stage: "
+              + ", ".join(f"{f / 1e9:.3f}" for f in flops)
+              + f"; slowest / mean = {max(flops) / (sum(flops) / len(flops)):.2f}")
     peak = max(s.total for s in stages) * (1 + OVERHEAD_FRACTION)
     fits = peak <= budget
     print(f"peak per rank with {OVERHEAD_FRACTION:.0%} overhead: {_fmt(peak).strip()} of {_fmt(budget).strip()}: "

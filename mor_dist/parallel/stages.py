@@ -1,9 +1,10 @@
 """MoR's forward cut into pipeline stages, and the activation tuple that crosses each cut.
 
 Mapping (MOR.md 2, Middle-Cycle): the first stage holds the embedding and the unique first layers;
-the shared block's recursions are spread over the middle stages (over both stages when PP=2); the
-last stage holds the unique last layers, the final norm and the (tied) head. parallel.stage_recursions
-pins how many recursions each stage runs.
+the last stage holds the unique last layers, the final norm and the (tied) head; the shared block's
+recursions go to the stages so that the slowest stage has the fewest FLOPs (a later recursion runs
+fewer tokens, so it weighs less: stage_flops). parallel.stage_recursions pins how many recursions
+each stage runs.
 
 The routing state travels as fixed-shape tensors, so DeepSpeed sends shapes once:
     (h, [run, gate,] aux, depth, selected, [assigned])
@@ -29,12 +30,14 @@ from mor_dist.parallel.dims import ParallelLayoutError
 
 
 def stage_plan(cfg) -> list[int]:
-    """Recursions run by each pipeline stage."""
+    """Recursions run by each pipeline stage: parallel.stage_recursions when pinned, else the plan
+    whose slowest stage has the fewest training FLOPs (stage_flops)."""
     from mor_dist.model.layout import make_layout
 
     p, m = cfg.parallel, cfg.model
     nr = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers).recursions
     pp = p.pipeline
+    share = cfg.kv.strategy == "share"
     if p.stage_recursions is not None:
         plan = list(p.stage_recursions)
         if len(plan) != pp or sum(plan) != nr or min(plan) < 0:
@@ -42,24 +45,52 @@ def stage_plan(cfg) -> list[int]:
                 f"parallel.stage_recursions={plan} needs {pp} entries >= 0 summing to {nr} recursions"
             )
     else:
-        holders = list(range(pp)) if pp == 2 else list(range(1, pp - 1))
-        if len(holders) > nr:
+        candidates = [c for c in _plans(nr, pp) if not share or sum(1 for n in c if n) <= 1]
+        if not candidates:
             raise ParallelLayoutError(
-                f"parallel.pipeline={pp} leaves {len(holders)} middle stages for {nr} recursions; "
-                "use fewer stages or pin parallel.stage_recursions"
+                f"parallel.pipeline={pp} leaves {pp - 2} middle stages for {nr} recursions"
+                + (" (kv.strategy=share keeps them on one stage)" if share else "")
+                + "; use fewer stages or pin parallel.stage_recursions"
             )
-        plan = [0] * pp
-        for i, s in enumerate(holders):
-            plan[s] = nr // len(holders) + (1 if i < nr % len(holders) else 0)
+        plan = min(candidates, key=lambda c: (max(stage_flops(cfg, c)), c))
     if any(n == 0 for n in plan[1:-1]):
         raise ParallelLayoutError(f"parallel.stage_recursions={plan}: every middle stage needs a recursion")
-    if cfg.kv.strategy == "share" and sum(1 for n in plan if n) > 1:
+    if share and sum(1 for n in plan if n) > 1:
         raise ParallelLayoutError(
             f"kv.strategy='share' with parallel.pipeline={pp} splits the recursions over stages {plan}; "
             "recursion 1's K/V would have to cross stages, which is not supported. Pin "
             f"parallel.stage_recursions so one stage runs all {nr} recursions, or use kv.strategy=recursion_wise"
         )
     return plan
+
+
+def _plans(nr: int, pp: int):
+    """Every split of the nr recursions, in order, over pp stages (middle stages non-empty)."""
+    from itertools import combinations_with_replacement
+
+    for cut in combinations_with_replacement(range(nr + 1), pp - 1):
+        bounds = [0, *cut, nr]
+        plan = [bounds[i + 1] - bounds[i] for i in range(pp)]
+        if all(plan[1:-1]):
+            yield plan
+
+
+def stage_flops(cfg, plan: list[int]) -> list[float]:
+    """Training FLOPs per token of each stage: the first holds the unique first layers, the last the
+    unique last layers and the head (and loss), each stage its recursions at their capacities."""
+    from mor_dist.model.accounting import forward_flops_pieces
+
+    pieces = forward_flops_pieces(cfg)
+    out, r = [], 0
+    for s, n in enumerate(plan):
+        f = sum(pieces["recursions"][r:r + n])
+        r += n
+        if s == 0:
+            f += pieces["first"]
+        if s == len(plan) - 1:
+            f += pieces["last"] + pieces["head"]
+        out.append(3.0 * f)
+    return out
 
 
 def aux_names(model, seq_len: int) -> list[str]:

@@ -49,7 +49,7 @@ class TrainModule:
         self.last_rank_bytes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ steps
-    def train_step(self, micro_batches, lr: float) -> dict:
+    def train_step(self, micro_batches, lr: float, detail: bool = False) -> dict:
         """Forward/backward over the micro-batches, then one optimizer step at lr.
 
         A non-finite loss on any rank (with train.nan_policy=skip) skips the update: the rest of the
@@ -60,14 +60,16 @@ class TrainModule:
         self.engine.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: read once, at the end of the step
         bad = False
         peak = 0
         device = self.engine.device
         for i, (tokens, targets) in enumerate(micro_batches):
             out = self.engine(tokens.to(device), targets.to(device))
             if self.cfg.train.nan_policy == "skip":
-                finite = torch.tensor([1.0 if torch.isfinite(out.loss).item() else 0.0], device=comm_device())
+                # Skipping decides per micro-batch on the host (the rest of the step is poisoned): a
+                # sync per micro-batch, paid only with nan_policy=skip.
+                finite = torch.isfinite(out.loss.detach()).float().reshape(1).to(comm_device())
                 if dist.get_world_size() > 1:
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 bad = bad or finite.item() == 0.0
@@ -77,7 +79,10 @@ class TrainModule:
             self.engine.backward(loss)
             if self.measure_bytes:
                 peak = max(peak, grad_bytes(self.engine))
-            if bad and i == len(micro_batches) - 1:
+            last = i == len(micro_batches) - 1
+            if detail and last and not bad:
+                group_norms = self._group_grad_norms()  # after the last backward, before the step
+            if bad and last:
                 with _held_back(self.engine.optimizer):
                     self.engine.step()
             else:
@@ -85,17 +90,70 @@ class TrainModule:
             _accumulate(sums, out)
         if self.measure_bytes:
             self.last_rank_bytes = {**rank_bytes(self.engine), "grads": peak}
-        n = len(micro_batches)
-        metrics = self._mean_over_dp({k: v / n for k, v in sums.items()})
         if bad:
-            metrics["loss"] = math.nan
             self.model.discard_step()
-            metrics["grad_norm"] = None
         else:
             self._after_step()
-            norm = self.engine.get_global_grad_norm()
-            metrics["grad_norm"] = float(norm) if norm is not None else None
+        norm = None if bad else self.engine.get_global_grad_norm()
+        if detail and not bad:
+            sums.update({k: v * len(micro_batches) for k, v in group_norms.items()})  # _to_host divides by n
+        metrics = self._to_host(sums, len(micro_batches), norm)
+        if bad:
+            metrics["loss"] = math.nan
         metrics["skipped"] = bad
+        return metrics
+
+    def _group_grad_norms(self) -> dict:
+        """Gradient norm (before clipping) of each router and of the shared block, for logging
+        steps: DeepSpeed gathers each parameter's full gradient whatever the ZeRO stage (a collective
+        per parameter, hence not every step). Tensor-parallel shards are summed over the TP group,
+        replicated parameters counted once. Divided over DP ranks later: pre-scaled here."""
+        from deepspeed.utils import safe_get_full_grad
+
+        model = self.model
+        groups = {f"grad_norm/router_r{r + 1}": m for r, m in enumerate(model.routers)}
+        if model.token_router is not None:
+            groups["grad_norm/token_router"] = model.token_router
+        groups["grad_norm/shared_block"] = model.shared
+        out = {}
+        device = comm_device()
+        for name, module in groups.items():
+            split = torch.zeros((), dtype=torch.float64, device=device)
+            whole = torch.zeros((), dtype=torch.float64, device=device)
+            for p in module.parameters():
+                g = safe_get_full_grad(p)
+                if g is None:
+                    continue
+                sq = g.detach().double().pow(2).sum().to(device)
+                if getattr(p, "tensor_model_parallel", False):
+                    split = split + sq
+                else:
+                    whole = whole + sq
+            if self.dims.tp > 1:
+                from megatron.core import parallel_state as ps
+
+                dist.all_reduce(split, group=ps.get_tensor_model_parallel_group())
+            # _to_host averages over the DP ranks, which hold the same full gradient: keep it as is.
+            out[name] = (split + whole).sqrt()
+        return out
+
+    def _to_host(self, sums: dict, n: int, norm) -> dict:
+        """The step's metrics, averaged over micro-batches and data-parallel ranks, in ONE
+        device-to-host copy (with the gradient norm): the step's only sync on the default path."""
+        keys = sorted(sums)
+        values = [sums[k].float().reshape(1) / n for k in keys]
+        if norm is not None:
+            keys.append("grad_norm")
+            values.append(torch.as_tensor(norm, dtype=torch.float32, device=values[0].device).reshape(1))
+        packed = torch.cat(values).to(torch.float64)
+        if self.dims.dp > 1:
+            packed = packed.to(comm_device())
+            dist.all_reduce(packed, group=self.dp_group)
+            packed = packed / self.dims.dp
+            if norm is not None:
+                packed[-1] = packed[-1] * self.dims.dp  # the norm is global already, not a per-rank value
+        metrics = dict(zip(keys, packed.tolist()))
+        metrics.setdefault("grad_norm", None)
         return metrics
 
     def _after_step(self) -> None:
@@ -104,14 +162,6 @@ class TrainModule:
             for b in buffers:
                 dist.all_reduce(b, group=self.dp_group)  # TP ranks saw the same tokens: DP only
         self.model.after_optimizer_step()
-
-    def _mean_over_dp(self, metrics: dict) -> dict:
-        if self.dims.dp == 1 or not metrics:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=comm_device())
-        dist.all_reduce(t, group=self.dp_group)
-        return {k: v / self.dims.dp for k, v in zip(keys, t.tolist())}
 
     @torch.no_grad()
     def eval_step(self, tokens, targets):
@@ -128,6 +178,7 @@ class TrainModule:
 
     def load(self, folder: Path) -> None:
         load_engine(self.engine, folder)
+        self.model._sync_host_step()
 
 
 @contextlib.contextmanager
@@ -151,7 +202,9 @@ def grad_bytes(engine) -> int:
     optimizer steps, freed by ZeRO-2/3 hooks) plus ZeRO's reduced partitions."""
     opt, stage = engine.optimizer, engine.zero_optimization_stage()
     held = sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None)
-    if stage == 3:
+    if hasattr(opt, "fp32_groups_gradients_flat"):  # bf16 + ZeRO-1: fp32 gradient accumulation buffers
+        held += sum(g.numel() * g.element_size() for g in opt.fp32_groups_gradients_flat)
+    elif stage == 3:
         held += opt.grad_partitions_flat_buffer.numel() * opt.grad_partitions_flat_buffer.element_size()
     elif stage in (1, 2):
         held += sum(g.numel() * g.element_size() for gs in opt.averaged_gradients.values() if gs for g in gs)
@@ -159,13 +212,16 @@ def grad_bytes(engine) -> int:
 
 
 def _accumulate(sums: dict, out) -> None:
-    def add(key, value):
-        sums[key] = sums.get(key, 0.0) + float(value)
+    """Add a micro-batch's loss, aux losses and routing stats to the step's sums, on the device."""
 
-    add("loss", out.loss.detach())
-    add("lm_loss", out.lm_loss.detach())
+    def add(key, value):
+        value = torch.as_tensor(value).detach()
+        sums[key] = sums[key] + value if key in sums else value
+
+    add("loss", out.loss)
+    add("lm_loss", out.lm_loss)
     for name, value in out.aux.items():
-        add(f"aux/{name}", value.detach())
+        add(f"aux/{name}", value)
     for name, value in out.stats.items():
         add(f"stats/{name}", value)
 

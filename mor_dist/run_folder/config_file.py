@@ -18,7 +18,7 @@ CONFIG_FILE = "config.yaml"
 # (model, routing, data, optimizer...) changes the run's meaning.
 MUTABLE_PREFIXES = (
     "train.steps", "train.flops_budget", "train.tokens", "train.eval_interval", "train.eval_batches",
-    "train.nan_policy", "train.device",
+    "train.nan_policy", "train.device", "train.compile",
     "parallel.", "logging.", "checkpoint.", "data.num_workers", "data.prefetch_factor", "data.pin_memory",
     "data.verify", "data.skip_corrupt", "data.read_ahead", "data.fetch_retries", "data.fetch_backoff_s",
     # How `mor data prepare` built the dataset: training reads the dataset itself.

@@ -15,8 +15,9 @@ log = logging.getLogger("mor.export")
 
 
 def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, dict, Path]:
-    """fp32 model state of a checkpoint (any ZeRO stage; tensor/pipeline shards merged by
-    merge_shards.py), its meta.json, and its folder."""
+    """fp32 model state of a checkpoint of any layout (tensor/pipeline shards merged by
+    merge_shards.py; ZeRO-3 with tensor parallelism through the universal copy), its meta.json, and
+    its folder."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     mgr = CheckpointManager(run_dir, keep_last=1)
@@ -27,13 +28,16 @@ def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, di
     meta = mgr.verify(folder)  # every byte against its sha256 before anything is read
     par = meta.get("config", {}).get("parallel", {})
     tp, pp = par.get("tensor", 1), par.get("pipeline", 1)
+    if tp > 1 and par.get("zero_stage", 0) >= 3:
+        # ZeRO-3 scatters each tensor-parallel shard over the data-parallel ranks too: the weights come
+        # from the checkpoint's universal copy (made now unless cached, as a resume at another layout would).
+        from mor_dist.checkpoint.universal import read_model_state
+        from mor_dist.training.reshard import ensure_universal
+
+        out = folder.parent.parent / "universal" / folder.name
+        ensure_universal(folder, meta, out, "for export")
+        return read_model_state(out), meta, folder
     if tp > 1 or pp > 1:
-        if par.get("zero_stage", 0) >= 3:
-            # ZeRO-3 scatters each TP shard over the DP ranks too; that double merge is not written.
-            raise CheckpointError(
-                f"{folder} was saved with parallel.zero_stage=3 and parallel.tensor={tp}: export merges "
-                "tensor/pipeline shards of ZeRO stage 0-2 checkpoints only"
-            )
         from mor_dist.training.merge_shards import merge_parallel
 
         return merge_parallel(folder, tp, pp), meta, folder

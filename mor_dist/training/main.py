@@ -84,8 +84,10 @@ def train(cfg, force: bool = False) -> int:
                 log.warning("not resuming from a damaged checkpoint: %s", why)
         if resume_from is not None:
             check_resume_fits(resume_from, meta, cfg, dims)
-        # A checkpoint saved at another data-parallel size is loaded through a universal conversion.
-        universal = universal_source(resume_from, meta, dims) if resume_from is not None else None
+        # A checkpoint saved at another layout (tensor / pipeline / data-parallel size, ZeRO stage) is
+        # loaded through its universal copy, made now by rank 0 unless cached (RUN_DIR/universal/, a cache
+        # beside the checkpoints, which stay as they are).
+        universal = universal_source(resume_from, meta, cfg, dims) if resume_from is not None else None
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg)
@@ -102,6 +104,9 @@ def train(cfg, force: bool = False) -> int:
         elif cfg.train.eval_interval and dims.rank == 0:
             log.warning("the dataset has no validation split: no evaluation (prepare with data.val_fraction > 0)")
 
+        from mor_dist.training.peak_flops import resolve_peak_tflops
+
+        cfg.logging.peak_tflops = resolve_peak_tflops(cfg.logging.peak_tflops, dims.rank)  # for MFU
         trainer = Trainer(cfg, dims, module, train_loader, val_loader, tokenizer, run_dir)
         if dims.rank == 0:
             log.info("run folder %s | world %d (dp %d, tp %d, pp %d) | %d micro-batches of %d per step",
@@ -116,6 +121,54 @@ def train(cfg, force: bool = False) -> int:
         return code
     finally:
         lock.release()
+
+
+def dry_run(cfg, force: bool = False) -> int:
+    """`mor train --dry-run`: what a start would check, with nothing started and nothing written --
+    the resolved config, the layout, the memory plan, the data and the run folder -- then exit.
+    The same mistakes a start refuses end in the same one-line errors."""
+    from mor_dist.checkpoint import CheckpointManager
+    from mor_dist.config import to_yaml
+    from mor_dist.data_pipeline.loader import build_loader, split_manifests
+    from mor_dist.model.accounting import model_info
+    from mor_dist.parallel.plan import OVERHEAD_FRACTION, estimate
+    from mor_dist.run_folder import check_config
+    from mor_dist.training.trainer import grad_accum_steps
+
+    p, t = cfg.parallel, cfg.train
+    # The world of a launch under torchrun / srun, else the smallest the layout needs.
+    world = int(os.environ.get("WORLD_SIZE", p.tensor * p.pipeline))
+    stages, dp = estimate(cfg, world)
+    accum = grad_accum_steps(cfg, dp)
+    tokenizer = _tokenizer(cfg)
+    build_loader(cfg.data, t.micro_batch_size, "train", rank=0, world_size=dp)  # manifests, seq_len, shards listed
+    val = split_manifests(cfg.data, "val") if t.eval_interval else []
+    changes = check_config(cfg, force)
+    latest = CheckpointManager(Path(cfg.logging.run_dir), cfg.checkpoint.keep_last, "none").latest_name()
+
+    info = model_info(cfg)
+    lay, params = info["layout"], info["params"]
+    peak = max(s.total for s in stages) * (1 + OVERHEAD_FRACTION)
+    samples = sum(m.data["splits"]["train"]["samples"] for m, _, _ in split_manifests(cfg.data, "train"))
+    print(to_yaml(cfg), end="")
+    print("---")
+    print(f"model       {params['non_embedding']:,} non-embedding parameters; {lay['prefix_layers']} + "
+          f"{lay['layers_per_block']} x {lay['recursions']} recursions + {lay['suffix_layers']} layers, "
+          f"routing {lay['routing']}, kv {lay['kv']}")
+    print(f"layout      world {world} = tensor {p.tensor} x data {dp} x pipeline {p.pipeline}, ZeRO-{p.zero_stage}; "
+          f"{accum} micro-batch(es) of {t.micro_batch_size} per rank per step")
+    print(f"run length  {t.steps} steps x {t.global_batch_size * cfg.data.seq_len:,} tokens")
+    print(f"memory      peak per rank {peak / 2**30:.2f} GiB (parameters, gradients, optimizer, activations, "
+          f"+{OVERHEAD_FRACTION:.0%}; `mor plan` has the table)")
+    print(f"data        {cfg.data.dataset_dir}: {samples:,} training sequences of {cfg.data.seq_len} tokens, "
+          f"tokenizer of {tokenizer.get_vocab_size()} tokens; validation "
+          + ("split found" if val else "off" if not t.eval_interval else "split MISSING: no evaluation"))
+    folder = f"resumes from checkpoints/{latest}" if latest and cfg.checkpoint.resume else (
+        "new run (earlier checkpoints set aside)" if latest else "new run")
+    forced = f"; --force: {len(changes)} config change(s)" if changes else ""
+    print(f"run folder  {cfg.logging.run_dir}: {folder}{forced}")
+    print("dry run: nothing started, nothing written")
+    return 0
 
 
 def _commit_start(cfg, ckpt, config_changes: list[str], resumed: bool) -> None:

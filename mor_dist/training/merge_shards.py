@@ -93,21 +93,30 @@ def _pipeline_rank_state(folder: Path, tp_rank: int) -> dict:
     return out
 
 
+def read_rank_state(folder: Path, tp_rank: int, pp: int) -> dict:
+    """What the model files of one TP rank hold, by model name (weights and buffers under ZeRO 0-2;
+    under ZeRO-3 the weights are empty placeholders and only the buffers are real)."""
+    from mor_dist.checkpoint import CheckpointError
+
+    if pp > 1:
+        return _pipeline_rank_state(folder, tp_rank)
+    names = (f"mp_rank_{tp_rank:02d}_model_states.pt", f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")
+    path = next((folder / n for n in names if (folder / n).is_file()), None)
+    if path is None:
+        raise CheckpointError(f"{folder / names[0]} is missing: every TP rank writes one model-states file")
+    state = {}
+    for key, value in _load(path)["module"].items():
+        _add(state, key, value, path)
+    return state
+
+
 def merge_parallel(folder: Path, tp: int, pp: int) -> dict:
-    """fp32 state dict of the single-device model from a TP/PP checkpoint folder."""
+    """fp32 state dict of the single-device model from a TP/PP checkpoint folder (ZeRO 0-2)."""
     from mor_dist.checkpoint import CheckpointError
 
     ranks = []
     for r in range(tp):
-        if pp > 1:
-            state = _pipeline_rank_state(folder, r)
-        else:
-            path = folder / f"mp_rank_{r:02d}_model_states.pt"
-            if not path.is_file():
-                raise CheckpointError(f"{path} is missing: parallel.tensor={tp} needs one file per TP rank")
-            state = {}
-            for key, value in _load(path)["module"].items():
-                _add(state, key, value, path)
+        state = read_rank_state(folder, r, pp)
         if not state:
             raise CheckpointError(f"{folder} holds no model weights for TP rank {r}")
         ranks.append(state)

@@ -1,46 +1,74 @@
-"""What a resume may change, checked before anything is built; and resuming at another data-parallel
-size: the checkpoint is converted to DeepSpeed's universal format once (rank 0), then every rank
-loads that with `load_universal`. The original checkpoint is left as is.
+"""What a resume may change, checked before anything is built; and resuming at another layout.
 
-Tensor- and pipeline-parallel sizes are part of a checkpoint's layout: a resume that changes them is
-refused by name; `mor export` + `checkpoint.init_from` carries the weights over to another layout.
+A checkpoint resumes at any layout of the same model: tensor, pipeline and data-parallel sizes and
+the ZeRO stage (1, 2, 3) may all differ from the saved ones. At another layout, rank 0 converts the
+checkpoint once into a layout-free copy (checkpoint/universal.py: DeepSpeed's universal checkpoint
+under the model's own parameter names), cached in RUN_DIR/universal/step_N and tied to the
+checkpoint's save id; every rank then loads that with DeepSpeed's universal loading. Parameters, Adam
+moments and step counts, the model's buffers (optimizer-step counter, router bias) come over; the step,
+the data position and the lr schedule come from meta.json as in any resume. The original checkpoint is
+left as it is. The log says what was converted, from which layout to which, and how long it took.
+
+Refused, by name and before the run folder is touched: a model of another shape (a --force that
+changed it), and a layout change on either side of which the optimizer is a plain torch one (ZeRO
+stage 0 in fp32: its state is in no form DeepSpeed's converter or universal loader reads).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 from mor_dist.checkpoint import CheckpointError
-from mor_dist.checkpoint.integrity import file_record, verify_files
 
 log = logging.getLogger("mor.train")
 
-DONE = "done.json"
+
+def saved_layout(meta: dict) -> dict:
+    """The layout a checkpoint was saved at, from its meta.json."""
+    par = meta.get("config", {}).get("parallel", {})
+    tp, pp = par.get("tensor", 1), par.get("pipeline", 1)
+    dp = meta.get("data_parallel_size", meta["world_size"] // (tp * pp))
+    return {"tensor": tp, "pipeline": pp, "data": dp, "zero_stage": par.get("zero_stage", 1)}
+
+
+def run_layout(cfg, dims) -> dict:
+    return {"tensor": dims.tp, "pipeline": dims.pp, "data": dims.dp, "zero_stage": cfg.parallel.zero_stage}
+
+
+def describe(layout: dict) -> str:
+    return f"tensor {layout['tensor']} x pipeline {layout['pipeline']} x data {layout['data']}, ZeRO-{layout['zero_stage']}"
 
 
 def check_resume_fits(folder: Path, meta: dict, cfg, dims) -> None:
-    """Refuse a checkpoint saved at other tensor/pipeline sizes, or for a model of another shape
-    (a --force that changed the model), before the run folder or any weight is touched."""
-    saved = meta.get("config", {})
-    par = saved.get("parallel", {})
-    was = (par.get("tensor", 1), par.get("pipeline", 1))
-    if was != (dims.tp, dims.pp):
-        raise CheckpointError(
-            f"{folder}: saved with parallel.tensor={was[0]} parallel.pipeline={was[1]}; this run has "
-            f"parallel.tensor={dims.tp} parallel.pipeline={dims.pp}. A resumed run keeps its tensor- and "
-            f"pipeline-parallel sizes (the data-parallel size may change): resume with the saved sizes, or "
-            f"export the weights (mor export {folder.parent.parent} -o OUT) and start a new run from them "
-            f"with checkpoint.init_from=OUT"
-        )
-    if "model" in saved:
-        different = _shape_differences(saved, cfg)
+    """Refuse a checkpoint for a model of another shape, or a layout change a plain torch optimizer
+    takes part in, before the run folder or any weight is touched."""
+    saved, now = saved_layout(meta), run_layout(cfg, dims)
+    if saved != now:
+        from mor_dist.parallel.engine import uses_bf16
+
+        if not any(folder.glob("*optim_states.pt")):
+            raise CheckpointError(
+                f"{folder}: saved at {describe(saved)} without ZeRO optimizer files (parallel.zero_stage=0 in fp32), "
+                f"so it resumes only at that layout, not at {describe(now)}; resume with the saved sizes and "
+                "zero_stage, or export the weights and start a new run from them (checkpoint.init_from)"
+            )
+        if cfg.parallel.zero_stage == 0 and not uses_bf16(cfg):
+            raise CheckpointError(
+                f"parallel.zero_stage: 0 (a plain torch optimizer in fp32) cannot take over a checkpoint saved at "
+                f"{describe(saved)} ({folder}); use parallel.zero_stage=1, or resume at the saved layout"
+            )
+        if (saved["tensor"], saved["pipeline"]) != (now["tensor"], now["pipeline"]) and not meta.get("reshardable"):
+            raise CheckpointError(
+                f"{folder}: saved by an older version without the parameter-name map a tensor/pipeline change needs; "
+                f"resume it at parallel.tensor={saved['tensor']} parallel.pipeline={saved['pipeline']} (the data-parallel "
+                f"size and ZeRO stage may change), or export the weights (mor export {folder.parent.parent} -o OUT) and "
+                "start a new run from them with checkpoint.init_from=OUT"
+            )
+    if "model" in meta.get("config", {}):
+        different = _shape_differences(meta["config"], cfg)
         if different:
             raise CheckpointError(
                 f"{folder}: holds a model of another shape than this config's ({'; '.join(different[:3])}); "
@@ -50,7 +78,8 @@ def check_resume_fits(folder: Path, meta: dict, cfg, dims) -> None:
             )
 
 
-def _shape_differences(saved: dict, cfg) -> list[str]:
+def _saved_model(saved: dict):
+    """The single-device model of a saved config, on the meta device (None for an older schema)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -61,27 +90,36 @@ def _shape_differences(saved: dict, cfg) -> list[str]:
         old_cfg = OmegaConf.merge(OmegaConf.structured(MoRConfig), {k: saved[k] for k in ("model", "routing", "kv")
                                                                      if k in saved})
     except Exception:  # noqa: BLE001 - a config from an older schema: the load itself will tell
+        return None
+    with torch.device("meta"):
+        return build_model(old_cfg)
+
+
+def _shape_differences(saved: dict, cfg) -> list[str]:
+    import torch
+
+    from mor_dist.model import build_model
+
+    old_model = _saved_model(saved)
+    if old_model is None:
         return []
     with torch.device("meta"):
-        old = {k: tuple(v.shape) for k, v in build_model(old_cfg).state_dict().items()}
         new = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
-    out = [f"{k}: {old.get(k)} saved, {new.get(k)} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return out
+    old = {k: tuple(v.shape) for k, v in old_model.state_dict().items()}
+    return [f"{k}: {old.get(k)} saved, {new.get(k)} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def universal_source(folder: Path, meta: dict, dims) -> Path | None:
-    """The folder to load instead of `folder` when its data-parallel size differs from this run's,
-    after making it (cached in RUN_DIR/universal/step_N, tied to the checkpoint's save id);
-    None when no conversion is needed."""
-    saved_dp = meta.get("data_parallel_size", meta["world_size"])
-    if saved_dp == dims.dp:
+def universal_source(folder: Path, meta: dict, cfg, dims) -> Path | None:
+    """The folder to load instead of `folder` when this run's layout differs from the saved one,
+    after making it (rank 0; cached); None when the checkpoint loads as it is."""
+    saved, now = saved_layout(meta), run_layout(cfg, dims)
+    if saved == now:
         return None
     out = folder.parent.parent / "universal" / folder.name
     error = None
     if dims.rank == 0:
         try:
-            if not _cached(out, meta):
-                _convert(folder, out, meta, saved_dp, dims.dp)
+            ensure_universal(folder, meta, out, f"for a resume at {describe(now)}")
         except CheckpointError as e:
             error = e
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -90,41 +128,45 @@ def universal_source(folder: Path, meta: dict, dims) -> Path | None:
         error = errors[0]
     if error is not None:
         raise error
-    return out / folder.name
+    return out
 
 
-def _cached(out: Path, meta: dict) -> bool:
-    done = out / DONE
-    if not done.is_file():
-        return False
-    record = json.loads(done.read_text())
-    if record.get("save_id") != meta.get("save_id"):
-        return False  # a conversion of another checkpoint of the same step (an earlier run)
+def ensure_universal(folder: Path, meta: dict, out: Path, why: str) -> dict:
+    """The universal copy of `folder` in `out`: the cached one when intact and of this checkpoint,
+    else a new conversion. Logs which, from which layout, and the time it took. One process."""
+    from mor_dist.checkpoint import universal
+
+    layout = saved_layout(meta)
     try:
-        verify_files(out, record["files"], "sha256", done)
+        done = universal.cached(out, meta.get("save_id"))
     except CheckpointError as e:
         log.warning("cached universal checkpoint is damaged, converting again: %s", e)
-        return False
-    return True
+        done = None
+    if done is not None:
+        log.info("checkpoint %s (saved at %s) %s: using its universal copy cached in %s (converted in %.1fs)",
+                 folder, describe(layout), why, out, done["seconds"])
+        return done
+    log.info("checkpoint %s was saved at %s; %s it is converted to a universal checkpoint in %s",
+             folder, describe(layout), why, out)
+    done = universal.make(folder, out, saved_buffers(folder, meta),
+                          {"save_id": meta.get("save_id"), "source": str(folder), "layout": layout})
+    log.info("converted %s: %d parameters (fp32 weights, Adam moments, step counts) and the model's buffers, from %s, "
+             "in %.1fs", folder.name, done["parameters"], describe(layout), done["seconds"])
+    return done
 
 
-def _convert(folder: Path, out: Path, meta: dict, saved_dp: int, dp: int) -> None:
-    log.info("checkpoint %s was saved at data-parallel size %d, resuming at %d: converting to a universal "
-             "checkpoint in %s", folder, saved_dp, dp, out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # DeepSpeed's converter, with every torch.load it makes restricted (no code from the files).
-    result = subprocess.run(
-        [sys.executable, "-m", "mor_dist.checkpoint.convert_universal", "--input_folder", str(folder),
-         "--output_folder", str(tmp / folder.name), "--num_extract_workers", "1", "--num_merge_workers", "1"],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        raise CheckpointError(f"{folder}: converting to a universal checkpoint failed: {lines[-1] if lines else '?'}"
-                              f"\n{result.stderr[-3000:]}")
-    files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / DONE).write_text(json.dumps({"save_id": meta.get("save_id"), "files": files}))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+def saved_buffers(folder: Path, meta: dict) -> dict:
+    """The model's persistent buffers (optimizer-step counter, router bias and loads) as the
+    checkpoint holds them, by model name."""
+    from mor_dist.training.merge_shards import read_rank_state
+
+    model = _saved_model(meta.get("config", {}))
+    if model is None:
+        raise CheckpointError(f"{folder}: its meta.json config is from an older schema; resume it at its own layout")
+    names = set(model.state_dict()) - {n for n, _ in model.named_parameters()}
+    layout = saved_layout(meta)
+    state = read_rank_state(folder, tp_rank=0, pp=layout["pipeline"])
+    missing = sorted(names - set(state))
+    if missing:
+        raise CheckpointError(f"{folder}: holds no {missing[:3]}; the checkpoint is incomplete")
+    return {n: state[n] for n in sorted(names)}

@@ -1,5 +1,7 @@
-"""kill -9 at every fault point of saves, a replacing save and the pruning after them; each time the
-folder must resume from an intact checkpoint that `latest` names, and the next save must work."""
+"""kill -9 at every fault point of saves, a replacing save and the pruning after them, synchronous and
+asynchronous (files staged in host memory, written and committed by a background thread while the
+caller goes on); each time the folder must resume from an intact checkpoint that `latest` names, and
+the next save must work."""
 
 from __future__ import annotations
 
@@ -7,21 +9,22 @@ import os
 import signal
 import sys
 
+import pytest
 import torch
 
 from mor_dist.checkpoint import CheckpointManager
-from mor_dist.checkpoint.store import write_file
+from mor_dist.checkpoint.store import stage_or_write
 
 KEEP = 2
 
 
 def shards(value: float):
-    def write(folder):
-        write_file({"w": torch.full((64,), value)}, folder / "model.pt")
+    def write(folder):  # as DeepSpeed's files go: written, or staged for the background thread
+        stage_or_write({"w": torch.full((64,), value)}, folder / "model.pt")
     return write
 
 
-def run_saves(root, fault: str, trace_file=None) -> int:
+def run_saves(root, fault: str, trace_file=None, background: bool = False) -> int:
     """In a forked child: steps 3, 4, then step 4 again (value 44). Returns the child's wait status."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -30,9 +33,9 @@ def run_saves(root, fault: str, trace_file=None) -> int:
             if trace_file:
                 sys.stderr = open(trace_file, "w")  # noqa: SIM115 - the child exits with os._exit
             mgr = CheckpointManager(root, keep_last=KEEP)
-            mgr.save(3, {}, shards(3))
-            mgr.save(4, {}, shards(4))
-            mgr.save(4, {}, shards(44))
+            for step, value in ((3, 3), (4, 4), (4, 44)):  # each background save waits for the last
+                mgr.save(step, {}, shards(value), background=background)
+            mgr.wait()
         finally:
             os._exit(0)
     return os.waitpid(pid, 0)[1]
@@ -45,10 +48,11 @@ def prepared(root):
     return mgr
 
 
-def test_kill_at_every_fault_point_leaves_a_resumable_folder(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_kill_at_every_fault_point_leaves_a_resumable_folder(tmp_path, background):
     trace = tmp_path / "trace.txt"
     prepared(tmp_path / "trace")
-    assert run_saves(tmp_path / "trace", "trace", trace) == 0
+    assert run_saves(tmp_path / "trace", "trace", trace, background) == 0
     points = [line for line in trace.read_text().splitlines() if line.startswith("fault point")]
     assert len(points) >= 12, points  # meta, renames, `latest`, removals and pruning of three saves
     kinds = {p.split(": ", 1)[1].split(" ")[0] for p in points}
@@ -58,7 +62,7 @@ def test_kill_at_every_fault_point_leaves_a_resumable_folder(tmp_path):
     for k in range(1, len(points) + 1):
         root = tmp_path / f"kill{k}"
         prepared(root)
-        status = run_saves(root, str(k))
+        status = run_saves(root, str(k), background=background)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (k, points[k - 1])
         mgr = CheckpointManager(root, keep_last=KEEP)
         folder, meta, skipped = mgr.resolve_resume()  # sha256 of every file
@@ -75,3 +79,17 @@ def test_kill_at_every_fault_point_leaves_a_resumable_folder(tmp_path):
     order = [2.0, 3.0, 4.0, 44.0]
     assert [order.index(v) for v in seen_values] == sorted(order.index(v) for v in seen_values)
     assert seen_values[0] == 2.0 and seen_values[-1] == 44.0
+
+
+def test_background_saves_write_and_commit_in_the_synchronous_order(tmp_path):
+    """The background thread passes the very fault points of a synchronous save, in the same order:
+    every file, then the records, meta.json, the renames, `latest`, the removals and the pruning."""
+    traces = {}
+    for background in (False, True):
+        root, trace = tmp_path / str(background), tmp_path / f"trace_{background}.txt"
+        prepared(root)
+        assert run_saves(root, "trace", trace, background) == 0
+        traces[background] = [line.split(": ", 1)[1] for line in trace.read_text().splitlines()
+                              if line.startswith("fault point")]
+    assert traces[True] == traces[False]
+    assert any(p.startswith("write model.pt") for p in traces[True])

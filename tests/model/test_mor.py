@@ -186,7 +186,9 @@ def test_capacity_warmup_follows_saved_step():
     x = tokens(t=60)
     frac = lambda: model(x, mode="topk").stats["active_frac/r3"].item()  # noqa: E731
     assert frac() == pytest.approx(1.0)  # step 0: warmup starts at capacity 1
-    model.train_step.fill_(10)
+    # A checkpoint saved at step 10 (the forward reads the host's copy, which follows the load).
+    model.load_state_dict({**model.state_dict(), "train_step": torch.tensor(10)})
+    assert model.host_step == 10
     assert frac() == pytest.approx(int(60 / 3) / 60)
 
 
@@ -200,3 +202,49 @@ def test_shared_block_is_one_set_of_parameters():
     hook.remove()
     assert frame_calls == [60, 40, 20]  # one module, applied at shrinking token counts: compute shrinks
     assert isinstance(TokenFrame(torch.zeros(1, 1, dtype=torch.long)).kv_store, dict)
+
+
+@pytest.mark.parametrize("func", ["softmax", "sigmoid"])
+def test_token_choice_balance_loss_is_the_authors(func):
+    """0.1 * sum_i f_i P_i, P_i the mean of the gate-scaled router probability (alpha * p), as in the
+    authors' code: with the sigmoid router (alpha 0.1) that is a tenth of using p itself."""
+    model = make("mor_token", [f"routing.token_func={func}"]).train()
+    x = tokens()
+    h = model.run_layers(model.prefix, model.embed(x), TokenFrame(torch.arange(x.shape[1]).expand(x.shape)))
+    _, probs = model.token_router.probs(h)
+    nr = model.layout.recursions
+    choice = probs.argmax(-1)
+    f = nr * torch.stack([(choice == i).float().mean() for i in range(nr)])
+    want = 0.1 * (f * probs.flatten(0, 1).mean(0)).sum()
+    assert model.alpha == (1.0 if func == "softmax" else 0.1)
+    torch.testing.assert_close(model(x, targets=x).aux["balance"], want)
+
+
+@pytest.mark.parametrize("name, overrides, mode", [
+    ("mor_token", [], "topk"),  # token-choice: every token assigned depth 1
+    ("mor", [], "causal"),  # expert-choice inference decisions: every token stops after step 1
+])
+def test_block_runs_at_every_recursion_even_with_no_active_token(name, overrides, mode):
+    """ZeRO-3 gathers the shared block's weights per call: data-parallel ranks must make the same
+    calls whatever their batch, so a recursion with no active token still runs (on padding) and
+    changes nothing."""
+    model = make(name, overrides)
+    if name == "mor_token":
+        with torch.no_grad():  # the router sends every token to depth 1
+            model.token_router.bias.fill_(0.0)
+            model.token_router.bias[0] = 1e3
+        model.routing.balancing = "loss_free"
+    else:
+        with torch.no_grad():
+            for router in model.routers[1:]:  # logit 0 at recursions 2..: nobody continues
+                for p in router.parameters():
+                    p.fill_(0.0)
+    calls = []
+    hook = model.shared[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    model.eval()
+    x = tokens()
+    with torch.no_grad():
+        out = model(x, mode=mode)
+    hook.remove()
+    assert len(calls) == model.layout.recursions, calls
+    assert int(out.depth.max()) <= 1, out.depth

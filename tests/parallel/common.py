@@ -30,8 +30,9 @@ def step_batches(cfg, step: int):
     """The global batch of optimizer step `step` as micro-batches of (tokens, targets)."""
     g = torch.Generator().manual_seed(1000 + step)
     # Tokens from a small sub-vocabulary repeat often, so the model learns within 5 steps.
-    seq = torch.randint(0, 64, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    micro = [seq[i : i + MICRO] for i in range(0, GLOBAL_BATCH, MICRO)]
+    batch, size = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    seq = torch.randint(0, 64, (batch, SEQ + 1), generator=g)
+    micro = [seq[i : i + size] for i in range(0, batch, size)]
     return [(m[:, :-1].contiguous(), m[:, 1:].contiguous()) for m in micro]
 
 
@@ -40,11 +41,11 @@ def rank_share(micro, dp: int, dp_rank: int):
     return micro[dp_rank::dp]
 
 
-def reference_losses(cfg, steps: int = STEPS) -> list[float]:
+def reference_losses(cfg, steps: int = STEPS, model=None) -> list[float]:
     """Single-process training with the same data, loss scaling, clipping and AdamW."""
     from mor_dist.parallel.engine import adamw
 
-    model = model_for(cfg)
+    model = model_for(cfg) if model is None else model
     opt = adamw(model, cfg.optim)
     losses = []
     for s in range(steps):
@@ -70,9 +71,13 @@ def reference_grads(cfg, prefix: str = "shared.") -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith(prefix)}
 
 
-def reference_eval(cfg) -> tuple[float, torch.Tensor]:
-    """Causal-mode (inference routing) loss and depths of the first micro-batch at initialization."""
-    model = model_for(cfg).eval()
+def reference_eval(cfg, trained_steps: int = 0) -> tuple[float, torch.Tensor]:
+    """Causal-mode (inference routing) loss and depths of the first micro-batch, at initialization or
+    after `trained_steps` single-process steps."""
+    model = model_for(cfg)
+    if trained_steps:
+        reference_losses(cfg, trained_steps, model)
+    model.eval()
     tokens, targets = step_batches(cfg, 0)[0]
     with torch.no_grad():
         out = model(tokens, targets, mode="causal")

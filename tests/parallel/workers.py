@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from tests.parallel.common import config, model_for, rank_share, step_batches, train_losses
+from tests.parallel.reshard_workers import reshard_chains  # noqa: F401 - run_all finds workers here by name
 
 
 def _dims(cfg):
@@ -50,7 +51,7 @@ def tp_cases(cases):
         with SavedActivationBytes(model) as saved:
             out = model(tokens, targets)
         out.loss.backward()
-        grads = _gather_tp_grads(model, dims)
+        grads = _gather_tp_grads(model, dims, prefix="")  # every parameter: routers, embedding, unique layers
         model.zero_grad(set_to_none=True)
         ev = module.eval_step(tokens, targets)  # causal routing: padded gathers
         losses = train_losses(module, cfg, dims)
@@ -105,6 +106,36 @@ def pp_cases(cases):
             "losses": losses, "stage": dims.pp_rank, "tp_rank": dims.tp_rank, "tied": tied, "eval": ev,
             "bytes": dict(module.last_rank_bytes), "metrics": metrics,
         }
+    return results
+
+
+def grad_norm_cases(cases):
+    """Per layout: the first step's metrics with per-group gradient norms (detail=True)."""
+    from mor_dist.parallel.train_module import build_train_module
+
+    results = {}
+    for overrides in cases:
+        cfg = config("mor", list(overrides))
+        dims = _dims(cfg)
+        module = build_train_module(model_for(cfg), cfg, dims)
+        metrics = module.train_step(rank_share(step_batches(cfg, 0), dims.dp, dims.dp_rank), cfg.optim.lr, detail=True)
+        results[overrides] = {k: v for k, v in metrics.items() if k.startswith("grad_norm")}
+    return results
+
+
+def bf16_cases(cases):
+    """Per layout: 5-step losses in bf16 (the layout's overrides + train.dtype=bf16)."""
+    from mor_dist.parallel.train_module import build_train_module
+
+    results = {}
+    for overrides in cases:
+        cfg = config("mor", ["train.dtype=bf16", *overrides])
+        dims = _dims(cfg)
+        module = build_train_module(model_for(cfg), cfg, dims)
+        module.measure_bytes = True
+        results[overrides] = {"losses": train_losses(module, cfg, dims),
+                              "dtype": str(next(module.engine.module.parameters()).dtype),
+                              "bytes": dict(module.last_rank_bytes)}
     return results
 
 

@@ -53,10 +53,21 @@ def run_mor(args: list[str], torchrun: int = 0, timeout: int = 300, port: int = 
     return subprocess.run(cmd, cwd=REPO, env=mor_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def tb_scalars(run_dir: Path) -> dict:
-    """Every scalar tag -> {step: value}, read back with TensorBoard's own reader."""
+def tb_events(run_dir: Path):
+    """TensorBoard's own reader over the run's events (RUN/tensorboard/<run name>/, one run)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    (folder,) = {p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0, "histograms": 0})
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    return acc
+
+
+def tb_scalars(run_dir: Path) -> dict:
+    """Every scalar tag -> {step: value}. Scalars are written in tensor form (the scalars plugin's
+    tensors), as TensorBoard's current summary API writes them."""
+    from tensorboard.util import tensor_util
+
+    acc = tb_events(run_dir)
+    tags = [t for t in acc.Tags()["tensors"] if acc.SummaryMetadata(t).plugin_data.plugin_name == "scalars"]
+    return {tag: {e.step: tensor_util.make_ndarray(e.tensor_proto).item() for e in acc.Tensors(tag)} for tag in tags}

@@ -92,3 +92,15 @@ def test_nan_loss_stops_with_the_step_or_is_skipped(tiny_dataset, tmp_path):
 
     state = safe_load(skip / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt")
     assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())
+
+
+def test_peak_tflops_from_the_device_table_or_measured():
+    from mor_dist.training.peak_flops import device_peak_tflops, measured_cpu_tflops, resolve_peak_tflops
+
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert device_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert device_peak_tflops("NVIDIA H200") == 989.0 and device_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert device_peak_tflops("AMD Instinct MI300X") == 1307.0 and device_peak_tflops("Tesla T4") is None
+    assert resolve_peak_tflops(123.0) == 123.0  # set by hand: used as is
+    cpu = measured_cpu_tflops(seconds=0.05, n=256)
+    assert 1e-4 < cpu < 100  # a real measurement of this machine, not a constant
