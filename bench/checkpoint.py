@@ -1,6 +1,6 @@
 """Checkpoint saves, synchronous against asynchronous (checkpoint.async_save), measured side by side.
 
-    python bench/checkpoint.py [--quick] [--json] [--models tiny 100m] [--rounds 5]
+    python bench/checkpoint.py [--quick] [--json] [--models tiny 100m] [--rounds 7]
 
 One process, the real train module (DeepSpeed engine, ZeRO-1, AdamW) and the real CheckpointManager
 (checksummed files, fsync, atomic rename, `latest`, pruning) writing into --dir. Per model, rounds of:
@@ -44,14 +44,14 @@ from mor_dist.parallel.train_module import build_train_module  # noqa: E402
 MODELS = {
     "tiny": [],
     "100m": ["model.vocab_size=32768", "model.d_model=768", "model.n_heads=12", "model.n_kv_heads=4",
-             "model.d_ff=2048", "model.n_layers=14", "data.vocab_size=32768"],
+             "model.d_ff=2048", "model.n_layers=32", "data.vocab_size=32768"],
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=2, help="training steps per measurement")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
@@ -92,7 +92,9 @@ def measure(name: str, args, root: Path) -> dict:
     meta = {"tokens_seen": 0, "loader": {}, "config": OmegaConf.to_container(cfg, resolve=True)}
     train(module, cfg, args, 2)  # warm-up: optimizer state exists, allocator warm
     ckpt.save(0, meta, module.save)
-    step = 0
+    ckpt.save(1, meta, module.save, background=True)  # and the first background save's one-time costs
+    ckpt.wait()
+    step = 1
     alone, during, sync, block, total = [], [], [], [], []
     for r in range(args.rounds):
         alone += train(module, cfg, args, args.steps)

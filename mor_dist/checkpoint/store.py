@@ -117,13 +117,26 @@ def staged():
         yield files
     finally:
         _staging = None
+        _pool.clear()  # buffers this save did not take back (shapes that changed): let them go
+
+
+# Host buffers of the last background save, reused by the next one: copying into memory already
+# touched costs no page faults (a fresh multi-GB allocation faults in every page on first write), and
+# on a GPU they are pinned, so the device-to-host copies run at full speed. They are as large as the
+# rank's checkpoint shard, the host memory an asynchronous save needs anyway.
+_pool: dict[tuple, list[torch.Tensor]] = {}
 
 
 def host_copy(obj):
     """A copy that later training steps cannot change: tensors copied to host memory (a view copies
     only its own elements), containers rebuilt, anything else deep-copied."""
+    if obj is None or type(obj) in (int, float, bool, str):  # immutable: shared, not copied
+        return obj
     if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
+        t = obj.detach()
+        free = _pool.get((t.shape, t.dtype))
+        buf = free.pop() if free else torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        return buf.copy_(t)
     if isinstance(obj, dict):
         return type(obj)((k, host_copy(v)) for k, v in obj.items())
     if type(obj) in (list, tuple):
@@ -153,6 +166,18 @@ class _Pending:
         if self.error is not None:
             raise self.error
         return self.final
+
+
+def _release(obj) -> None:
+    """A written file's host copy: its tensors back to the pool for the next save."""
+    if torch.is_tensor(obj):
+        _pool.setdefault((obj.shape, obj.dtype), []).append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _release(v)
+    elif type(obj) in (list, tuple):
+        for v in obj:
+            _release(v)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -356,9 +381,10 @@ class CheckpointManager:
 
     def _write_staged(self, files: list, step, meta, tmp, final, latest, group, on_done) -> None:
         def write_all():
-            while files:  # each file's host copy is freed once written
+            while files:  # each file's host copy goes back to the pool once written
                 obj, path, kwargs = files.pop(0)
                 write_file(obj, path, **kwargs)
+                _release(obj)
         self._finish(step, meta, tmp, final, latest, _first_error(write_all), group)
         if on_done is not None:
             on_done(final)

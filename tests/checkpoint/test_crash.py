@@ -93,3 +93,21 @@ def test_background_saves_write_and_commit_in_the_synchronous_order(tmp_path):
                               if line.startswith("fault point")]
     assert traces[True] == traces[False]
     assert any(p.startswith("write model.pt") for p in traces[True])
+
+
+def test_background_save_holds_the_state_of_its_step(tmp_path):
+    """What a background save writes is the state at the step boundary: training that changes the
+    tensors in place while the thread writes does not reach the files, also when the host buffers
+    of the previous save are reused."""
+    from mor_dist.checkpoint.safe_load import safe_load
+
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    weight = torch.zeros(1 << 16)
+    for step in (1, 2, 3):
+        weight.fill_(step)
+        mgr.save(step, {}, lambda folder: stage_or_write({"w": weight}, folder / "model.pt"), background=True)
+        weight.fill_(-1.0)  # the next "training step", while the thread writes
+    mgr.wait()
+    for step in (1, 2, 3):
+        saved = safe_load(tmp_path / "checkpoints" / mgr.step_name(step) / "model.pt")["w"]
+        assert torch.equal(saved, torch.full_like(weight, step)), step
