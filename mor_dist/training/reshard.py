@@ -17,6 +17,7 @@ stage 0 in fp32: its state is in no form DeepSpeed's converter or universal load
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from mor_dist.checkpoint import CheckpointError
 
 log = logging.getLogger("mor.train")
+
+CONVERSION_TIMEOUT = timedelta(hours=3)  # how long the other ranks wait for rank 0's conversion
 
 
 def saved_layout(meta: dict) -> dict:
@@ -116,15 +119,20 @@ def universal_source(folder: Path, meta: dict, cfg, dims) -> Path | None:
     if saved == now:
         return None
     out = folder.parent.parent / "universal" / folder.name
+    group = None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # The other ranks wait while rank 0 converts; for a billion-parameter checkpoint that can
+        # outlast NCCL's default 10-minute timeout, so they wait on a gloo group with a longer one.
+        group = dist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
     error = None
     if dims.rank == 0:
         try:
             ensure_universal(folder, meta, out, f"for a resume at {describe(now)}")
         except CheckpointError as e:
             error = e
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if group is not None:
         errors = [error]
-        dist.broadcast_object_list(errors, src=0)
+        dist.broadcast_object_list(errors, src=0, group=group)
         error = errors[0]
     if error is not None:
         raise error
