@@ -64,6 +64,11 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.loss_ema = None
+        # Throughput counts training only: evaluation and the blocking part of checkpoint saves add
+        # their time to _paused_s, which is taken out of the window between two log points.
+        self._paused_s = 0.0
+        self._mark: tuple[float, int] | None = None  # (time, step) of this process's previous log point
+        self._started_tb = False  # the run's guide and config go to TensorBoard once per start
 
     # ------------------------------------------------------------------ resume / save
     def resume(self, folder, meta: dict, universal=None) -> None:
@@ -179,12 +184,6 @@ class Trainer:
                 log.warning("step %d: loss spike %.3f (running mean %.3f)", self.step, loss, self.loss_ema)
             self.tb.scalars({"train/loss_spike": loss / self.loss_ema}, self.step)
         self.loss_ema = loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * loss
-
-    # Throughput counts training only: evaluation (and checkpoint writing, where save() adds its time
-    # to _paused_s) is taken out of the window between two log points.
-    _paused_s = 0.0
-    _mark: tuple[float, int] | None = None  # (time, step) of the previous log point of this process
-    _started_tb = False
 
     def _train_rate(self, fit_rate: float) -> float | None:
         """Training tokens/s since the previous log point. At the first one after a start, fit's rate

@@ -4,11 +4,14 @@ a small prepared dataset shared by the loader tests."""
 from __future__ import annotations
 
 import shutil
+from itertools import islice
 from pathlib import Path
 
 import pytest
+import torch
 
 from mor_dist.data_pipeline.corpus import default_corpus_files
+from mor_dist.data_pipeline.loader import StreamingLoader
 from mor_dist.data_pipeline.prepare import prepare_dataset
 from tests.conftest import SHARED_TEXT, use_shared_text
 
@@ -75,3 +78,19 @@ def dataset_copy(tmp_path, dataset) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(dataset.dir, dst)
     return dst
+
+
+def take(ds, n, *, batch=8, rank=0, world=1, workers=0, seed=7, state=None, **loader_kwargs):
+    """n batches from a fresh loader (all it has if n is None) and its state afterwards."""
+    loader = StreamingLoader(ds, batch, seed=seed, rank=rank, world_size=world, num_workers=workers,
+                             prefetch_factor=2, **loader_kwargs)
+    if state is not None:
+        loader.load_state_dict(state)
+    it = iter(loader)
+    out = list(islice(it, n))
+    it.close()
+    return out, loader.state_dict()
+
+
+def cat(batches, field="tokens"):
+    return torch.cat([b[field] for b in batches])

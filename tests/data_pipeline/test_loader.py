@@ -2,33 +2,16 @@ from __future__ import annotations
 
 import logging
 import os
-from itertools import islice
 
 import numpy as np
 import pytest
 import torch
 
-from tests.data_pipeline.conftest import SEQ_LEN
+from tests.data_pipeline.conftest import SEQ_LEN, cat, take
 from mor_dist.data_pipeline.config import DataConfig
 from mor_dist.data_pipeline.errors import DataError
 from mor_dist.data_pipeline.loader import StreamingLoader, TokenDataset, build_loader, data_parallel_rank
 from mor_dist.data_pipeline.shards import BLOCK
-
-
-def take(ds, n, *, batch=8, rank=0, world=1, workers=0, seed=7, state=None, epochs=None, shuffle=True):
-    """n batches from a fresh loader (all it has if n is None) and its state afterwards."""
-    loader = StreamingLoader(ds, batch, seed=seed, rank=rank, world_size=world, num_workers=workers,
-                             prefetch_factor=2, epochs=epochs, shuffle=shuffle)
-    if state is not None:
-        loader.load_state_dict(state)
-    it = iter(loader)
-    out = list(islice(it, n))
-    it.close()
-    return out, loader.state_dict()
-
-
-def cat(batches, field="tokens"):
-    return torch.cat([b[field] for b in batches])
 
 
 def test_batches_are_samples_of_the_split(dataset):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from itertools import islice
 
 import pytest
 import torch
 
+from tests.data_pipeline.conftest import cat, take as take_batches
 from tests.data_pipeline.serve import serve
 from tests.data_pipeline.test_cli import REPO_CONFIG as TINY, run
 from mor_dist.data_pipeline.config import DataConfig
@@ -20,19 +20,9 @@ from mor_dist.data_pipeline.remote import FetchPolicy
 FAST = FetchPolicy(retries=2, backoff_s=0.01)
 
 
-def take(ds, n, *, batch=8, rank=0, world=1, workers=0, state=None, read="stream"):
-    loader = StreamingLoader(ds, batch, seed=11, rank=rank, world_size=world, num_workers=workers,
-                             prefetch_factor=2, read=read)
-    if state is not None:
-        loader.load_state_dict(state)
-    it = iter(loader)
-    out = list(islice(it, n))
-    it.close()
-    return out, loader.state_dict()
-
-
-def cat(batches, field="tokens"):
-    return torch.cat([b[field] for b in batches])
+def take(ds, n, *, read="stream", **kwargs):
+    """conftest.take, reading shards in stream order unless told (as a remote source must)."""
+    return take_batches(ds, n, seed=11, read=read, **kwargs)
 
 
 @pytest.fixture(scope="module")
