@@ -24,6 +24,9 @@ the same-depth vanilla's cache holds at --kv-batch rows of full length (K/V only
 counted); each model gets as many rows as its measured KV bytes per token allow, and its page pool
 is capped at the budget (a model that overflows it preempts, counted).
 
+On CPU the engine serves every model, vanilla included, with its Linear weights prepacked for
+oneDNN (mor_dist/inference/packed_linear.py; --no-pack-weights for nn.Linear's own matmuls).
+
 Also: KV bytes per token against the paper's (Nr+1)/(2Nr) and 1/Nr for the recursion layers, and
 the engine's own overhead (share of a tick outside matmuls and attention, torch profiler).
 """
@@ -70,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the shared-block step (on CUDA: mode=reduce-overhead, CUDA graphs)")
+    p.add_argument("--no-pack-weights", dest="pack_weights", action="store_false",
+                   help="CPU: nn.Linear's own matmuls instead of the engine's prepacked oneDNN weights")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -172,7 +177,8 @@ def run_setting(args, models: dict, rows: dict, kv_pages: dict) -> dict:
     for name, (model, kv) in models.items():
         loop = ClosedLoop(model, rows[name], args.prompt_len, args.gen_len, seed=args.seed,
                           total=args.requests_per_row * rows[name], kv=kv, page_size=args.page_size,
-                          kv_pages=kv_pages.get(name), temperature=1.0, width_bucket=4 if args.compile else 1)
+                          kv_pages=kv_pages.get(name), temperature=1.0, width_bucket=4 if args.compile else 1,
+                          pack_weights=args.pack_weights)
         if args.compile:
             mode = "reduce-overhead" if args.device == "cuda" else None
             loop.engine.compile_block(mode=mode) if mode else loop.engine.compile_block()
@@ -193,13 +199,15 @@ def run_setting(args, models: dict, rows: dict, kv_pages: dict) -> dict:
 
 
 def profile_overhead(args, model, kv: str, rows: int) -> float:
-    """Share of decode ticks (CPU time) spent outside matmuls (aten::mm) and attention
+    """Share of decode ticks (CPU time) spent outside matmuls (aten::mm/addmm, or oneDNN's with
+    prepacked weights) and attention
     (paged_attention: page gathers + SDPA): the engine's bookkeeping, routing, norms, RoPE,
     sampling. Profiled after arrivals stop and the last prompts are in, so no prefill mixes in."""
     from torch.profiler import ProfilerActivity, profile
 
     loop = ClosedLoop(model, rows, args.prompt_len, args.gen_len, seed=args.seed + 7,
-                      total=args.requests_per_row * rows, kv=kv, page_size=args.page_size, temperature=1.0)
+                      total=args.requests_per_row * rows, kv=kv, page_size=args.page_size, temperature=1.0,
+                      pack_weights=args.pack_weights)
     loop.warm_up()
     loop.total = loop.submitted  # no more arrivals
     while loop.engine.waiting or loop.engine.prefilling:
@@ -209,7 +217,8 @@ def profile_overhead(args, model, kv: str, rows: int) -> float:
         for _ in range(args.profile_ticks):
             decode_s += loop.step(measure=False)["decode_s"]
     ops = {e.key: e for e in prof.key_averages()}
-    inside = (ops["aten::mm"].self_cpu_time_total if "aten::mm" in ops else 0.0) + (
+    matmuls = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # plain and prepacked weights
+    inside = sum(ops[k].self_cpu_time_total for k in matmuls if k in ops) + (
         ops["mor::paged_attention"].cpu_time_total if "mor::paged_attention" in ops else 0.0)
     return max(0.0, 1.0 - inside / 1e6 / decode_s) if decode_s else None
 
@@ -219,6 +228,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} thread)"
+    if args.device == "cpu":
+        from mor_dist.inference.packed_linear import available
+
+        # torch.compile traces nn.Linear's own forward: compiled runs leave every model unpacked, alike.
+        args.pack_weights = args.pack_weights and available() and not args.compile
+        where += ", prepacked oneDNN weights" if args.pack_weights else ", nn.Linear matmuls"
+    else:
+        args.pack_weights = False
     out = {"device": where, "dtype": str(dtype).replace("torch.", ""), "args": vars(args)}
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     log(f"# bench/inference.py on {where}, {out['dtype']}; d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} "

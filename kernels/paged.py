@@ -44,9 +44,12 @@ def paged_attention(
 def _paged_attention(q, q_pos, k_pool, v_pool, pos_pool, pages, length):
     n, w = pages.shape
     p = k_pool.shape[1]
-    k = k_pool[pages].view(n, w * p, *k_pool.shape[2:]).transpose(1, 2)  # (n, Hkv, W*P, D)
-    v = v_pool[pages].view(n, w * p, *v_pool.shape[2:]).transpose(1, 2)
-    k_pos = pos_pool[pages].view(n, w * p)
+    # index_select on the flat page list: the same gather as pool[pages], several times faster on
+    # CPU (advanced indexing of a 2-D index was a third of a decode step's attention time).
+    flat = pages.reshape(-1)
+    k = k_pool.index_select(0, flat).view(n, w * p, *k_pool.shape[2:]).transpose(1, 2)  # (n, Hkv, W*P, D)
+    v = v_pool.index_select(0, flat).view(n, w * p, *v_pool.shape[2:]).transpose(1, 2)
+    k_pos = pos_pool.index_select(0, flat).view(n, w * p)
     k_valid = torch.arange(w * p, device=length.device)[None, :] < length[:, None]
     mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # (n, t, W*P)
     # A row with no visible key would give NaN (softmax over nothing): let it see everything instead.

@@ -33,6 +33,7 @@ import torch
 
 from mor_dist.model.layers import TokenFrame
 
+from .packed_linear import PackedWeight, pack_linears, unpack_linears
 from .paged_cache import CacheFullError, PagedKVCache
 from .prefill import prefill_chunk, run_unique, token_choice_depths
 
@@ -70,15 +71,21 @@ class ServingEngine:
     """max_requests: rows (concurrent requests); page_size, kv_pages: the paged cache (kv_pages:
     pages per group, default enough for every row at max_seq_len); prefill_tokens: prompt tokens per
     tick; width_bucket: pages read per block call rounded up to a multiple of it (fewer shapes for
-    torch.compile)."""
+    torch.compile); pack_weights: prepack the model's Linear weights for oneDNN (packed_linear.py;
+    default on a CPU device)."""
 
     def __init__(self, model, max_requests: int, kv: str | None = None, page_size: int = 16,
                  kv_pages: dict | None = None, prefill_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
-                 keep_logits: bool = False, width_bucket: int = 1, clock=time.perf_counter):
+                 keep_logits: bool = False, width_bucket: int = 1, clock=time.perf_counter,
+                 pack_weights: bool | None = None):
         self.model, self.nr = model, model.layout.recursions
         self.rows = max_requests
         self.cache = PagedKVCache(model, max_requests, kv, page_size, kv_pages)
         self.device = model.embed.weight.device
+        self.packed = bool(pack_weights if pack_weights is not None else self.device.type == "cpu") and bool(
+            pack_linears(model))
+        # A tied head is F.linear with the embedding's weight, no Linear module: packed here.
+        self.tied_head = PackedWeight(model.embed.weight) if self.packed and model.head is None else None
         self.temperature, self.keep_logits, self.clock = temperature, keep_logits, clock
         self.prefill_tokens, self.width_bucket = prefill_tokens, width_bucket
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -138,7 +145,10 @@ class ServingEngine:
         return self.finished
 
     def compile_block(self, **kwargs) -> None:
-        """Run the shared-block step (static shapes: every row, masked) through torch.compile."""
+        """Run the shared-block step (static shapes: every row, masked) through torch.compile (which
+        traces nn.Linear's own forward: packed weights are dropped)."""
+        unpack_linears(self.model)
+        self.packed, self.tied_head = False, None
         self.block_fn = torch.compile(self._block_step, **kwargs)
 
     # ------------------------------------------------------------------ one tick
@@ -296,7 +306,8 @@ class ServingEngine:
         h = h[:, None]
         if model.suffix:
             h = run_unique(model, model.suffix, c.suffix.views(idx, pos, None, self._width(c.suffix, rows)), h, pos, None)
-        logits = model.output_logits(model.norm(h))[:, 0]
+        h = model.norm(h)
+        logits = (self.tied_head.linear(h) if self.tied_head is not None else model.output_logits(h))[:, 0]
         return pick(logits, self.temperature, self.gen), self.depth[idx], logits if self.keep_logits else None
 
     def _entry(self, plan: dict, sampled):

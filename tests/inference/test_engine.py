@@ -7,6 +7,7 @@ import torch
 
 from mor_dist.inference.decode import generate
 from mor_dist.inference.engine import ServingEngine
+from mor_dist.inference.packed_linear import available
 from tests.inference.helpers import MODELS, prompt, tiny_model
 
 LENGTHS = (5, 17, 9, 30, 3, 12, 1)
@@ -33,12 +34,14 @@ def test_decoding_alone_equals_full_causal_forward(key, prefill, page):
         assert len(set(depths)) >= 3, "routing too uniform to test anything"
 
 
-@pytest.mark.parametrize("rows, prefill, page", [(3, 256, 16), (4, 5, 4), (8, 7, 2)])
+@pytest.mark.parametrize("rows, prefill, page, pack", [(3, 256, 16, True), (4, 5, 4, True), (8, 7, 2, False)])
 @pytest.mark.parametrize("key", ["mor_expert", "mor_expert_share", "mor_token", "mor_token_share", "recursive", "vanilla"])
-def test_continuous_batching_equals_full_forward_per_request(key, rows, prefill, page):
+def test_continuous_batching_equals_full_forward_per_request(key, rows, prefill, page, pack):
+    """pack: prepacked CPU weights (the default on CPU) or nn.Linear's own path."""
     model = tiny_model(key)
     prompts = [prompt(n, seed=n) for n in LENGTHS]
-    engine = ServingEngine(model, rows, keep_logits=True, prefill_tokens=prefill, page_size=page)
+    engine = ServingEngine(model, rows, keep_logits=True, prefill_tokens=prefill, page_size=page, pack_weights=pack)
+    assert engine.packed == (pack and available())
     ids = [engine.submit(p, 6 + 2 * i) for i, p in enumerate(prompts)]
     done = engine.run()
     assert sorted(done) == ids
