@@ -124,8 +124,11 @@ class ParallelConfig:
     # none | recursion (checkpoint each recursion of the shared block) | full (also unique layers)
     activation_checkpointing: str = "none"
     # Optional explicit pipeline mapping: number of recursions held by each stage (one entry per
-    # stage, summing to model.recursions).
+    # stage, summing to model.recursions) ...
     stage_recursions: Optional[List[int]] = ranged(None, ">= 0")
+    # ... or of shared-layer passes (a recursion is as many passes as the block has layers; one entry
+    # per stage, summing to recursions x block layers): a cut may then fall inside a recursion.
+    stage_layers: Optional[List[int]] = ranged(None, ">= 0")
 
 
 @dataclass

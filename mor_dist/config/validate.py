@@ -213,6 +213,21 @@ def validate(cfg) -> None:
                 f"parallel.stage_recursions: {list(p.stage_recursions)} sums to {sum(p.stage_recursions)}; the "
                 f"entries must sum to model.recursions={layout.recursions}"
             )
+    if p.stage_layers is not None:
+        passes = layout.recursions * layout.block
+        if p.stage_recursions is not None:
+            raise ConfigError("parallel.stage_layers: set either it or parallel.stage_recursions, not both")
+        if len(p.stage_layers) != p.pipeline:
+            raise ConfigError(
+                f"parallel.stage_layers: {len(p.stage_layers)} entries for parallel.pipeline={p.pipeline}; "
+                "give one per stage"
+            )
+        if sum(p.stage_layers) != passes:
+            raise ConfigError(
+                f"parallel.stage_layers: {list(p.stage_layers)} sums to {sum(p.stage_layers)}; the entries must "
+                f"sum to the shared-layer passes, model.recursions={layout.recursions} x {layout.block} block layers "
+                f"= {passes}"
+            )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(
             f"optim.betas: {list(cfg.optim.betas)} is not two values; Adam takes exactly two (beta1, beta2), "

@@ -59,6 +59,16 @@ def step_token_fractions(cfg) -> list[float]:
     return [1.0] * nr
 
 
+def router_flops(cfg, r: int) -> float:
+    """Forward FLOPs per token of recursion r's expert router (it scores the previous step's tokens)."""
+    m, rt = cfg.model, cfg.routing
+    if rt.type != "expert":
+        return 0.0
+    fracs = step_token_fractions(cfg)
+    router = m.d_model if rt.router == "linear" else (2 * m.d_model * m.d_model + 2 * m.d_model)
+    return 2 * router * (fracs[r - 1] if r else 1.0)
+
+
 def forward_flops_pieces(cfg) -> dict:
     """Forward FLOPs per token of each piece of the model, in its order: the unique first layers
     (with the token-choice router), each recursion step (with its expert router), the unique last
@@ -91,11 +101,7 @@ def forward_flops_pieces(cfg) -> dict:
     for r, f in enumerate(fracs):
         n = f * t
         cost = lay.block * (layer(n, n1, own_kv=False) if share and r > 0 else layer(n, n, own_kv=True))
-        if rt.type == "expert":
-            cand = (fracs[r - 1] if r else 1.0) * t
-            router = m.d_model if rt.router == "linear" else (2 * m.d_model * m.d_model + 2 * m.d_model)
-            cost += 2 * router * cand
-        steps.append(cost / t)
+        steps.append(cost / t + router_flops(cfg, r))
     return {"first": first / t, "recursions": steps, "last": lay.suffix * layer(t, t, True) / t,
             "head": 2 * m.d_model * m.vocab_size}
 

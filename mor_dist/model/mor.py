@@ -2,7 +2,9 @@
 
 forward() is a chain of three pieces -- begin (embedding + unique first layers), step r for each
 recursion, finish (unique last layers, norm, head, loss) -- passing a RecursionState along, so that a
-pipeline schedule can place the pieces on different stages without touching this file.
+pipeline schedule can place the pieces on different stages without touching this file. A step is
+itself route -> the block's layers -> merge, and step(r, state, span) runs part of its layers, so a
+stage cut can also fall inside a recursion (the state then carries the partial block output).
 
 Where we differ from the authors' code (github raymin0223/mixture_of_recursions):
 - Recursive KV sharing gathers the active queries and computes only them at later recursions; the
@@ -57,6 +59,13 @@ class RecursionState:
     run: torch.Tensor | None = None  # token-choice: f^r(h1) of tokens still recursing
     assigned: torch.Tensor | None = None  # token-choice: chosen depth 1..Nr per token
     gate: torch.Tensor | None = None  # token-choice: router probability of the chosen depth
+    # Inside a recursion step (between route and merge): the block's input tokens as slots of the
+    # sequence (B, K) (None: every token), their padding mask, the partial block output (B, K, d),
+    # and expert-choice's weighted gate of each slot (B, K).
+    slots: torch.Tensor | None = None
+    slots_valid: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    wgate: torch.Tensor | None = None
     kv_store: dict = field(default_factory=dict)  # recursive KV sharing: recursion 1's K/V per layer
     aux: dict = field(default_factory=dict)  # name -> weighted aux loss (already multiplied by coef)
     stats: dict = field(default_factory=dict)  # name -> detached scalar tensor
@@ -128,16 +137,18 @@ class MoRModel(nn.Module):
             self._assign_depths(state)
         return state
 
-    def step(self, r: int, state: RecursionState) -> RecursionState:
-        """Recursion step r (0-based) of the shared block."""
-        if self.token_router is not None:
-            self._token_step(r, state)
-        elif self.routers:
-            self._expert_step(r, state)
-        else:  # plain recursive model: every token, every step
-            frame = self._frame(r, state.pos, None, state)
-            state.h = self._run_block(r, state.h, frame)
-            state.depth = state.depth + 1
+    def step(self, r: int, state: RecursionState, span: tuple[int, int] | None = None) -> RecursionState:
+        """Recursion step r (0-based) of the shared block. span=(lo, hi) runs only the block's layers
+        lo..hi-1 of it: lo == 0 routes first, hi == the block's length merges after."""
+        n = len(self.layout.schedule[r])
+        lo, hi = span if span is not None else (0, n)
+        if lo == 0:
+            self._route(r, state)
+        if state.x is not None and hi > lo:
+            pos = state.pos if state.slots is None else state.pos.gather(1, state.slots)
+            state.x = self._run_block(r, state.x, self._frame(r, pos, state.slots_valid, state), (lo, hi))
+        if hi == n:
+            self._merge(r, state)
         return state
 
     def finish(self, state: RecursionState, targets: torch.Tensor | None = None) -> MoROutput:
@@ -170,10 +181,33 @@ class MoRModel(nn.Module):
         kv_mode = "own" if self.kv_strategy != "share" else ("record" if r == 0 else "reuse")
         return TokenFrame(pos, valid, kv_mode, state.kv_store)
 
-    def _run_block(self, r: int, x: torch.Tensor, frame: TokenFrame) -> torch.Tensor:
-        """f: the shared layers of step r, each keyed by its slot j for KV sharing."""
+    def _run_block(self, r: int, x: torch.Tensor, frame: TokenFrame, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """f: the shared layers of step r (those lo..hi-1 of span), each keyed by its slot j for KV sharing."""
         schedule = self.layout.schedule[r]
-        return self.run_layers([self.shared[li] for li in schedule], x, frame, range(len(schedule)))
+        lo, hi = span if span is not None else (0, len(schedule))
+        return self.run_layers([self.shared[li] for li in schedule[lo:hi]], x, frame, range(lo, hi))
+
+    def _route(self, r: int, s: RecursionState) -> None:
+        """Choose the tokens step r runs: s.slots, s.slots_valid, and their block input s.x."""
+        if self.token_router is not None:
+            self._token_route(r, s)
+        elif self.routers:
+            self._expert_route(r, s)
+        else:  # plain recursive model: every token, every step
+            s.slots = s.slots_valid = s.wgate = None
+            s.x = s.h
+
+    def _merge(self, r: int, s: RecursionState) -> None:
+        """Write step r's block output back into the residual stream; count the depths."""
+        if s.x is not None:
+            if self.token_router is not None:
+                self._token_merge(r, s)
+            elif self.routers:
+                self._expert_merge(s)
+            else:
+                s.h = s.x
+                s.depth = s.depth + 1
+        s.slots = s.slots_valid = s.x = s.wgate = None
 
     def run_layers(self, layers, x: torch.Tensor, frame: TokenFrame, keys=None) -> torch.Tensor:
         """A span of layers over one token frame: the unique first layers, one recursion of the
@@ -183,8 +217,9 @@ class MoRModel(nn.Module):
         return x
 
     # ------------------------------------------------------------------ expert-choice
-    def _expert_step(self, r: int, s: RecursionState) -> None:
+    def _expert_route(self, r: int, s: RecursionState) -> None:
         b, t, d = s.h.shape
+        s.slots = s.slots_valid = s.x = s.wgate = None
         if s.idx is None:  # step 1: every token is a candidate
             cand, cand_valid = s.pos.new_tensor(range(t)).expand(b, t), None
         else:
@@ -210,19 +245,22 @@ class MoRModel(nn.Module):
             keep = causal_logits > 0
             if cand_valid is not None:
                 keep = keep & cand_valid
-            sel, valid = compact(keep, min_width=1)  # (see _token_step)
+            sel, valid = compact(keep, min_width=1)  # (see _token_route)
         idx = cand.gather(1, sel)
         s.idx, s.valid = idx, valid
         self._record_active(r, s, (idx.numel() if valid is None else valid.sum()) / (b * t))
         if idx.shape[1] == 0:
             return
-        x = s.h.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
-        out = self._run_block(r, x, self._frame(r, s.pos.gather(1, idx), valid, s))
+        s.slots, s.slots_valid = idx, valid
+        s.x = s.h.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
         if self.routing.gating == "weighted":
-            g = self.alpha * torch.sigmoid(logits.gather(1, sel)).unsqueeze(-1)
-            new = x + g.to(x.dtype) * out
-        else:
-            new = out
+            s.wgate = self.alpha * torch.sigmoid(logits.gather(1, sel))
+
+    def _expert_merge(self, s: RecursionState) -> None:
+        d = s.h.shape[-1]
+        idx, valid, out = s.slots, s.slots_valid, s.x
+        x = s.h.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))  # the block's input (h is unchanged until here)
+        new = x + s.wgate.unsqueeze(-1).to(x.dtype) * out if s.wgate is not None else out
         if valid is not None:  # padding slots write back their own (unchanged) token
             new = torch.where(valid.unsqueeze(-1), new, x)
         s.h = s.h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), new)
@@ -276,20 +314,24 @@ class MoRModel(nn.Module):
         if s.mode == "topk" and self.training:
             router.pending_load += load.detach()
 
-    def _token_step(self, r: int, s: RecursionState) -> None:
-        b, t, d = s.h.shape
+    def _token_route(self, r: int, s: RecursionState) -> None:
+        d = s.h.shape[-1]
         active = s.assigned > r
         # The block runs at every recursion, on one padding slot per row when no token of this batch
         # is active: ZeRO-3 gathers the block's weights per call, so data-parallel ranks whose batches
         # differ must still make the same calls (skipping one hangs the others).
         order, valid = compact(active, min_width=1)
         self._record_active(r, s, active.float().mean())
-        x = s.run.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
-        out = self._run_block(r, x, self._frame(r, s.pos.gather(1, order), valid, s))
+        s.slots, s.slots_valid, s.wgate = order, valid, None
+        s.x = s.run.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
+
+    def _token_merge(self, r: int, s: RecursionState) -> None:
+        d = s.h.shape[-1]
+        order, valid, out = s.slots, s.slots_valid, s.x
         if valid is not None:
-            out = torch.where(valid.unsqueeze(-1), out, x)
+            out = torch.where(valid.unsqueeze(-1), out, s.run.gather(1, order.unsqueeze(-1).expand(-1, -1, d)))
         s.run = s.run.scatter(1, order.unsqueeze(-1).expand(-1, -1, d), out)
-        s.depth = s.depth + active.long()
+        s.depth = s.depth + (s.assigned > r).long()
         if r == self.layout.recursions - 1:
             # Authors' update: H^1 + g_i * f^i(H^1), scaled once after the token's last recursion.
             s.h = s.h1 + s.gate.to(s.h.dtype) * s.run

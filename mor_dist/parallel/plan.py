@@ -69,8 +69,9 @@ def stage_params(cfg) -> list[int]:
         model = build_model(cfg)
     p = cfg.parallel
     pp, tp = p.pipeline, p.tensor
-    plan = stage_plan(cfg) if pp > 1 else [model.layout.recursions]
-    owner_of_r = [s for s, n in enumerate(plan) for _ in range(n)]
+    lay = model.layout
+    plan = stage_plan(cfg) if pp > 1 else [lay.recursions * lay.block]
+    owner_of_pass = [s for s, n in enumerate(plan) for _ in range(n)]  # shared-layer pass -> stage
     counts = [0] * pp
     for name, w in model.named_parameters():
         n = w.numel() // tp if _tp_split(name) else w.numel()
@@ -83,7 +84,7 @@ def stage_params(cfg) -> list[int]:
         elif name.startswith("shared."):
             stages = {s for s, k in enumerate(plan) if k}
         elif name.startswith("routers."):
-            stages = {owner_of_r[int(name.split(".")[1])]}
+            stages = {owner_of_pass[int(name.split(".")[1]) * lay.block]}  # the stage that routes it
         else:
             raise ValueError(f"plan does not know where parameter {name} lives")
         for s in stages:
@@ -118,8 +119,10 @@ def layer_fp32_elems(m, tp: int, sp: bool, own_kv: bool = True) -> tuple[float, 
 
 
 def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> int:
+    """plan: shared-layer passes per stage (stages.stage_plan)."""
     from mor_dist.model.accounting import step_token_fractions
     from mor_dist.model.layout import make_layout
+    from mor_dist.parallel.stages import stage_spans
 
     m, p, rt = cfg.model, cfg.parallel, cfg.routing
     tp, pp = p.tensor, p.pipeline
@@ -136,7 +139,6 @@ def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> i
     ckpt = p.activation_checkpointing
     lay = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers)
     fracs = step_token_fractions(cfg)
-    start = sum(plan[:stage])
     tokens = b * t
     units = 0.0  # elements saved for backward for one micro-batch on this stage
     regions = [0.0]  # a checkpointed region's activations, recomputed one at a time in backward
@@ -154,14 +156,15 @@ def _activation_bytes(cfg, stage: int, plan: list[int], dp: int, elem: int) -> i
         unique_layers(lay.prefix)
         if rt.type == "token":  # the depth router's input and probabilities
             units += tokens * (d + 2 * lay.recursions)
-    for r in range(start, start + plan[stage]):
+    for r, lo, hi in stage_spans(plan, lay.block)[stage]:  # this stage's part of each recursion
         k = fracs[r] * tokens
         own_kv = cfg.kv.strategy != "share" or r == 0
-        block = k * (per_layer if own_kv else layer_bytes(own_kv=False) / elem) * lay.block
-        if rt.type == "expert":
-            # router input (the previous step's tokens); gated update's output and gate
-            units += (fracs[r - 1] if r else 1.0) * tokens * d + k * d + 3 * k
-        elif rt.type == "token" and r == lay.recursions - 1:
+        block = k * (per_layer if own_kv else layer_bytes(own_kv=False) / elem) * (hi - lo)
+        if rt.type == "expert" and lo == 0:
+            units += (fracs[r - 1] if r else 1.0) * tokens * d  # router input (the previous step's tokens)
+        if rt.type == "expert" and hi == lay.block:
+            units += k * d + 3 * k  # gated update's output and gate
+        elif rt.type == "token" and r == lay.recursions - 1 and hi == lay.block:
             units += tokens * (d + 2)  # final gate * run
         if ckpt in ("recursion", "full"):
             units += k * d
@@ -198,7 +201,8 @@ def estimate(cfg, gpus: int) -> tuple[list[StageMemory], int]:
         from mor_dist.model.layout import make_layout
 
         m = cfg.model
-        plan = [make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers).recursions]
+        lay = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers)
+        plan = [lay.recursions * lay.block]
     out = []
     for s, n in enumerate(stage_params(cfg)):
         params = n * elem // (dp if zero >= 3 else 1)
@@ -261,12 +265,12 @@ def run_plan(args) -> int:
     print("other = ZeRO-3's gathered layer and prefetch bucket, ZeRO's communication buckets, and a "
           f"{CONTEXT_BYTES / GIB:.0f} GiB allowance for the CUDA context and NCCL")
     if p.pipeline > 1:
-        from mor_dist.parallel.stages import stage_flops, stage_plan
+        from mor_dist.parallel.stages import describe_plan, stage_flops, stage_plan
 
         plan = stage_plan(cfg)
         flops = stage_flops(cfg, plan)
-        print(f"pipeline plan (recursions per stage): {plan}; training GFLOPs per token by stage: "
-              + ", ".join(f"{f / 1e9:.3f}" for f in flops)
+        print(f"pipeline plan (shared-layer passes per stage): {plan} = {describe_plan(cfg, plan)}")
+        print("training GFLOPs per token by stage: " + ", ".join(f"{f / 1e9:.3f}" for f in flops)
               + f"; slowest / mean = {max(flops) / (sum(flops) / len(flops)):.2f}")
     peak = max(s.total for s in stages) * (1 + OVERHEAD_FRACTION)
     fits = peak <= budget

@@ -2,19 +2,25 @@
 
 Mapping (MOR.md 2, Middle-Cycle): the first stage holds the embedding and the unique first layers;
 the last stage holds the unique last layers, the final norm and the (tied) head; the shared block's
-recursions go to the stages so that the slowest stage has the fewest FLOPs (a later recursion runs
-fewer tokens, so it weighs less: stage_flops). parallel.stage_recursions pins how many recursions
-each stage runs.
+passes (recursion r = the block's layers once, at that recursion's capacity) go to the stages so
+that the slowest stage has the fewest FLOPs (a later recursion runs fewer tokens, so it weighs
+less: stage_flops). Cuts fall between recursions unless one inside a recursion balances the
+stages clearly better; the block stays tied across every stage that runs part of it.
+parallel.stage_recursions / parallel.stage_layers pin the plan.
 
 The routing state travels as fixed-shape tensors, so DeepSpeed sends shapes once:
-    (h, [run, gate,] aux, depth, selected, [assigned])
+    (h, [run, gate,] [part, [wgate,]] aux, depth, selected, [assigned])
 Floating tensors come first: DeepSpeed 0.19.8 keeps ONE buffer pool, by tuple position, for received
 activations and received gradients (the gradients list only the floating tensors) and reuses a
 buffer without checking its dtype; with the integer tensors first, a middle stage received its aux
 gradient into an int64 buffer (garbage gradients of ~1e18). Floats first keeps each position's dtype.
-- selected (B, T) int64: expert-choice tokens chosen at the last step (all ones before step 1);
-  the model's index form is rebuilt with compact(), which keeps original order.
+- selected (B, T) int64: between recursions, expert-choice tokens chosen at the last step (all ones
+  before step 1); inside one, the tokens the step runs. The model's index form is rebuilt with
+  compact(), which keeps original order.
 - run, gate, assigned: token-choice state while recursions remain (h is then still H^1).
+- part, wgate: inside a recursion, the block's partial output (B, T, d) and expert-choice's weighted
+  gate (B, T), each at its tokens' places (the block's input is h there, unchanged until the merge).
+  A plain recursive model runs every token and its output replaces h: h itself is the partial output.
 - aux (n_aux,) float: the routers' weighted aux losses so far, one slot per name; it reaches the
   loss on the last stage, so its gradient flows back to the router of whichever stage made it.
 """
@@ -29,32 +35,88 @@ from mor_dist.model.routers import compact
 from mor_dist.parallel.dims import ParallelLayoutError
 
 
-def stage_plan(cfg) -> list[int]:
-    """Recursions run by each pipeline stage: parallel.stage_recursions when pinned, else the plan
-    whose slowest stage has the fewest training FLOPs (stage_flops)."""
+# A cut inside a recursion sends one more hidden-size activation (the partial block output) across
+# the stage: the default plan takes one only when it makes the slowest stage this much lighter.
+SPLIT_GAIN = 0.05
+
+
+def _units(cfg) -> tuple[int, int]:
+    """(recursions, block layers): the shared-layer passes are recursions x block, in order."""
     from mor_dist.model.layout import make_layout
 
-    p, m = cfg.parallel, cfg.model
-    nr = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers).recursions
+    m = cfg.model
+    lay = make_layout(m.n_layers, m.recursions, m.sharing, m.pad_layers)
+    return lay.recursions, lay.block
+
+
+def stage_spans(plan: list[int], block: int) -> list[list[tuple[int, int, int]]]:
+    """Per stage, the (recursion, first layer, end layer) spans its shared-layer passes cover."""
+    out, u = [], 0
+    for n in plan:
+        spans, end = [], u + n
+        while u < end:
+            r, lo = divmod(u, block)
+            hi = min(block, lo + end - u)
+            spans.append((r, lo, hi))
+            u += hi - lo
+        out.append(spans)
+    return out
+
+
+def describe_plan(cfg, plan: list[int]) -> str:
+    """Each stage's part of the recursions, 1-based: 'r1 L1-10, r2 L1-4 | r2 L5-10, r3 L1-10 | -'."""
+    _, block = _units(cfg)
+    stages = []
+    for spans in stage_spans(plan, block):
+        parts = [f"r{r + 1}" if (lo, hi) == (0, block) else f"r{r + 1} L{lo + 1}" + (f"-{hi}" if hi - lo > 1 else "")
+                 for r, lo, hi in spans]
+        stages.append(", ".join(parts) or "-")
+    return " | ".join(stages)
+
+
+def stage_plan(cfg) -> list[int]:
+    """Shared-layer passes run by each pipeline stage, in order (stage s runs passes sum(plan[:s]) up
+    to sum(plan[:s+1]); recursion r is passes r*block .. (r+1)*block - 1). Pinned by
+    parallel.stage_layers or parallel.stage_recursions; by default the plan whose slowest stage has
+    the fewest training FLOPs (stage_flops), cut between recursions unless a cut inside one makes
+    the slowest stage SPLIT_GAIN lighter."""
+    p = cfg.parallel
+    nr, block = _units(cfg)
     pp = p.pipeline
     share = cfg.kv.strategy == "share"
-    if p.stage_recursions is not None:
+    if p.stage_layers is not None:
+        plan = list(p.stage_layers)
+        if len(plan) != pp or sum(plan) != nr * block or min(plan) < 0:
+            raise ParallelLayoutError(
+                f"parallel.stage_layers={plan} needs {pp} entries >= 0 summing to {nr} x {block} = {nr * block} "
+                "shared-layer passes"
+            )
+        pinned = "parallel.stage_layers"
+    elif p.stage_recursions is not None:
         plan = list(p.stage_recursions)
         if len(plan) != pp or sum(plan) != nr or min(plan) < 0:
             raise ParallelLayoutError(
                 f"parallel.stage_recursions={plan} needs {pp} entries >= 0 summing to {nr} recursions"
             )
+        plan = [n * block for n in plan]
+        pinned = "parallel.stage_recursions"
     else:
-        candidates = [c for c in _plans(nr, pp) if not share or sum(1 for n in c if n) <= 1]
-        if not candidates:
+        aligned = [[n * block for n in c] for c in _plans(nr, pp) if not share or sum(1 for n in c if n) <= 1]
+        if not aligned:
             raise ParallelLayoutError(
                 f"parallel.pipeline={pp} leaves {pp - 2} middle stages for {nr} recursions"
                 + (" (kv.strategy=share keeps them on one stage)" if share else "")
                 + "; use fewer stages or pin parallel.stage_recursions"
             )
-        plan = min(candidates, key=lambda c: (max(stage_flops(cfg, c)), c))
+        plan = min(aligned, key=lambda c: (max(stage_flops(cfg, c)), c))
+        if not share:
+            split = _balanced_cuts(cfg, pp)
+            if split is not None and max(stage_flops(cfg, split)) * (1 + SPLIT_GAIN) < max(stage_flops(cfg, plan)):
+                plan = split
+        pinned = "parallel.stage_recursions"
     if any(n == 0 for n in plan[1:-1]):
-        raise ParallelLayoutError(f"parallel.stage_recursions={plan}: every middle stage needs a recursion")
+        raise ParallelLayoutError(f"{pinned}={list(p.stage_layers or p.stage_recursions or plan)}: every middle "
+                                  "stage needs a shared layer to run")
     if share and sum(1 for n in plan if n) > 1:
         raise ParallelLayoutError(
             f"kv.strategy='share' with parallel.pipeline={pp} splits the recursions over stages {plan}; "
@@ -75,20 +137,66 @@ def _plans(nr: int, pp: int):
             yield plan
 
 
-def stage_flops(cfg, plan: list[int]) -> list[float]:
-    """Training FLOPs per token of each stage: the first holds the unique first layers, the last the
-    unique last layers and the head (and loss), each stage its recursions at their capacities."""
-    from mor_dist.model.accounting import forward_flops_pieces
+def _unit_flops(cfg) -> tuple[float, list[float], float]:
+    """Forward FLOPs per token: (first stage's own, each shared-layer pass, last stage's own).
+    A recursion's router goes with its first pass (the stage that routes it)."""
+    from mor_dist.model.accounting import forward_flops_pieces, router_flops
 
+    nr, block = _units(cfg)
     pieces = forward_flops_pieces(cfg)
-    out, r = [], 0
+    units = []
+    for r, f in enumerate(pieces["recursions"]):
+        router = router_flops(cfg, r)
+        units += [router + (f - router) / block] + [(f - router) / block] * (block - 1)
+    return pieces["first"], units, pieces["last"] + pieces["head"]
+
+
+def _balanced_cuts(cfg, pp: int) -> list[int] | None:
+    """The split of the shared-layer passes over pp stages (middle stages non-empty) whose slowest
+    stage has the fewest FLOPs: a min-max partition by dynamic programming."""
+    first, units, last = _unit_flops(cfg)
+    n = len(units)
+    prefix = [0.0]
+    for u in units:
+        prefix.append(prefix[-1] + u)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(pp)]  # best[s][i]: stages 0..s over passes [0, i)
+    arg = [[0] * (n + 1) for _ in range(pp)]
+    for i in range(n + 1):
+        best[0][i] = first + prefix[i] + (last if pp == 1 else 0.0)
+    for s in range(1, pp):
+        ends = [n] if s == pp - 1 else range(n + 1)
+        for i in ends:
+            for j in range(i + 1):
+                if s < pp - 1 and j == i:  # a middle stage needs a pass
+                    continue
+                seg = prefix[i] - prefix[j] + (last if s == pp - 1 else 0.0)
+                v = max(best[s - 1][j], seg)
+                if v < best[s][i] - 1e-9 * abs(v):
+                    best[s][i], arg[s][i] = v, j
+    if best[pp - 1][n] == inf:
+        return None
+    cuts, i = [], n
+    for s in range(pp - 1, 0, -1):
+        i = arg[s][i]
+        cuts.append(i)
+    bounds = [0, *reversed(cuts), n]
+    return [bounds[k + 1] - bounds[k] for k in range(pp)]
+
+
+def stage_flops(cfg, plan: list[int]) -> list[float]:
+    """Training FLOPs per token of each stage (plan in shared-layer passes): the first holds the
+    unique first layers, the last the unique last layers and the head (and loss), each stage its
+    passes at their recursions' capacities."""
+    first, units, last = _unit_flops(cfg)
+    out, u = [], 0
     for s, n in enumerate(plan):
-        f = sum(pieces["recursions"][r:r + n])
-        r += n
+        f = sum(units[u:u + n])
+        u += n
         if s == 0:
-            f += pieces["first"]
+            f += first
         if s == len(plan) - 1:
-            f += pieces["last"] + pieces["head"]
+            f += last
         out.append(3.0 * f)
     return out
 
@@ -109,41 +217,102 @@ def aux_names(model, seq_len: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------- state <-> tuple
-def pack(state: RecursionState, names: list[str], base_aux: torch.Tensor | None, token_pending: bool) -> tuple:
+def _cut(model, at: int) -> tuple[bool, bool, bool, bool]:
+    """What crosses the cut before shared-layer pass `at`: (expert, weighted gate, token-choice
+    state pending, inside a recursion)."""
+    lay = model.layout
+    expert = len(model.routers) > 0
+    weighted = expert and model.routing.gating == "weighted"
+    token_pending = model.token_router is not None and at < lay.recursions * lay.block
+    return expert, weighted, token_pending, at % max(lay.block, 1) != 0
+
+
+def _marks(b: int, t: int, idx, valid, device) -> torch.Tensor:
+    """(B, T) int64: 1 at the given slots (their valid ones), else 0; all ones for idx None."""
+    if idx is None:
+        return torch.ones(b, t, dtype=torch.long, device=device)
+    keep = torch.ones_like(idx) if valid is None else valid.long()
+    return torch.zeros(b, t, dtype=torch.long, device=device).scatter(1, idx, keep)
+
+
+def _in_autograd(x: torch.Tensor) -> torch.Tensor:
+    # DeepSpeed runs backward on every float output of a stage: one that carries no gradient path
+    # (a stage adding no aux loss, a gate that is zeros) is sent as a leaf that takes part in it.
+    return x.detach().requires_grad_() if torch.is_grad_enabled() and not x.requires_grad else x
+
+
+def pack(state: RecursionState, names: list[str], base_aux: torch.Tensor | None, model, at: int) -> tuple:
+    """The state at the cut before shared-layer pass `at`, as the activation tuple."""
+    expert, weighted, token_pending, mid = _cut(model, at)
     b, t = state.depth.shape
-    if state.idx is None:
-        selected = torch.ones(b, t, dtype=torch.long, device=state.h.device)
-    else:
-        keep = torch.ones_like(state.idx) if state.valid is None else state.valid.long()
-        selected = torch.zeros(b, t, dtype=torch.long, device=state.h.device).scatter(1, state.idx, keep)
-    aux = base_aux if base_aux is not None else state.h.new_zeros(len(names))
+    h, dev = state.h, state.h.device
+    aux = base_aux if base_aux is not None else h.new_zeros(len(names))
     new = [state.aux[n].reshape(1).to(aux.dtype) if n in state.aux else None for n in names]
     if any(v is not None for v in new):
         aux = aux + torch.cat([v if v is not None else aux.new_zeros(1) for v in new])
-    if torch.is_grad_enabled() and not aux.requires_grad:
-        # DeepSpeed runs backward on every float output of a stage: a stage that adds no aux loss
-        # still sends a tensor that takes part in autograd (a leaf; its gradient is unused).
-        aux = aux.detach().requires_grad_()
+    plain = not expert and model.token_router is None
+    if mid and plain:  # every token runs the block and its output replaces h: the partial output is h
+        h = state.x
+    floats = [h]
     if token_pending:
-        gate = state.gate.to(state.h.dtype)
-        return (state.h, state.run, gate, aux, state.depth, selected, state.assigned)
-    return (state.h, aux, state.depth, selected)
-
-
-def unpack(acts: tuple, mode: str, expert: bool) -> tuple[RecursionState, torch.Tensor]:
-    if len(acts) == 7:  # token-choice recursions still to run
-        h, run, gate, aux, depth, selected, assigned = acts
+        floats += [state.run, state.gate.to(h.dtype)]
+    if mid and not plain:
+        # The step's partial block output, scattered to the tokens' places (fixed shapes): the next
+        # stage gathers it back at the same slots, rebuilt from `selected`.
+        slots = state.slots
+        if state.x is None:
+            part = torch.zeros_like(h)
+        elif slots is None:
+            part = state.x
+        else:
+            part = torch.zeros_like(h).scatter(1, slots.unsqueeze(-1).expand(-1, -1, h.shape[-1]), state.x)
+        floats.append(_in_autograd(part))
+        if weighted:
+            wgate = torch.zeros(b, t, dtype=h.dtype, device=dev)
+            if state.wgate is not None:
+                wgate = wgate.scatter(1, slots, state.wgate.to(h.dtype))
+            floats.append(_in_autograd(wgate))
+        selected = _marks(b, t, slots, state.slots_valid, dev)
+    elif mid:
+        selected = _marks(b, t, None, None, dev)
     else:
-        (h, aux, depth, selected), run = acts, None
+        selected = _marks(b, t, state.idx, state.valid, dev)
+    floats.append(_in_autograd(aux))
+    return (*floats, state.depth, selected, *([state.assigned] if token_pending else []))
+
+
+def unpack(acts: tuple, mode: str, model, at: int) -> tuple[RecursionState, torch.Tensor]:
+    """The tuple pack() made at the same cut, back to a state (and the aux losses so far)."""
+    expert, weighted, token_pending, mid = _cut(model, at)
+    acts = list(acts)
+    h = acts.pop(0)
+    run, gate = (acts.pop(0), acts.pop(0)) if token_pending else (None, None)
+    plain = not expert and model.token_router is None
+    part = acts.pop(0) if mid and not plain else None
+    wgate = acts.pop(0) if mid and weighted else None
+    aux, depth, selected = acts.pop(0), acts.pop(0), acts.pop(0)
+    assigned = acts.pop(0) if token_pending else None
     b, t = depth.shape
     pos = torch.arange(t, device=h.device).expand(b, t)
     state = RecursionState(h=h, pos=pos, mode=mode, depth=depth)
-    if expert and not bool(selected.bool().all()):
+    if run is not None:
+        state.run, state.gate, state.assigned, state.h1 = run, gate, assigned, h
+    if mid:
+        if expert or model.token_router is not None:
+            # The route's slots: ascending positions, padded as the route padded (compact).
+            slots, valid = compact(selected.bool(), min_width=1)
+            state.slots, state.slots_valid = slots, valid
+            state.x = part.gather(1, slots.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+            if expert:
+                state.idx, state.valid = slots, valid
+            if wgate is not None:
+                state.wgate = wgate.gather(1, slots)
+        else:  # plain recursion: h is the partial output (pack)
+            state.x = h
+    elif expert and not bool(selected.bool().all()):
         state.idx, state.valid = compact(selected.bool())
     elif expert and int(depth.max()) > 0:  # every token selected at the last step
         state.idx = pos
-    if run is not None:
-        state.run, state.gate, state.assigned, state.h1 = run, gate, assigned, h
     return state, aux
 
 
@@ -197,25 +366,27 @@ class FirstStage(_ModelPiece):
     def forward(self, tokens):
         state = self.model.begin(tokens, self.mode)
         self.record(state.stats)
-        return pack(state, self.names, None, token_pending=self.token_router is not None)
+        return pack(state, self.names, None, self.model, at=0)
 
 
 class Recursions(_ModelPiece):
-    """Recursion steps [start, stop) of the shared block (weights in the tied layer before this one),
-    with their expert-choice routers."""
+    """Shared-layer passes [start, stop) (recursion r is passes r*block .. (r+1)*block - 1; the
+    block's weights are in the tied layer before this one), with the expert routers of the
+    recursions that start here. A cut may fall inside a recursion: the state then crosses it."""
 
     def __init__(self, model, names, start: int, stop: int):
         super().__init__(model, names)
         self.start, self.stop = start, stop
-        self.routers = nn.ModuleList(list(model.routers)[start:stop])
+        block = model.layout.block
+        self.spans = stage_spans([start, stop - start], block)[1]
+        self.routers = nn.ModuleList([model.routers[r] for r, lo, _ in self.spans if lo == 0] if model.routers else [])
 
     def forward(self, acts):
-        state, aux = unpack(acts, self.mode, expert=len(self.model.routers) > 0)
-        for r in range(self.start, self.stop):
-            state = self.model.step(r, state)
+        state, aux = unpack(acts, self.mode, self.model, at=self.start)
+        for r, lo, hi in self.spans:
+            state = self.model.step(r, state, (lo, hi))
         self.record(state.stats)
-        pending = self.model.token_router is not None and self.stop < self.model.layout.recursions
-        return pack(state, self.names, aux, token_pending=pending)
+        return pack(state, self.names, aux, self.model, at=self.stop)
 
 
 class LastStage(_ModelPiece):
@@ -227,6 +398,7 @@ class LastStage(_ModelPiece):
         self.suffix, self.norm, self.head = model.suffix, model.norm, model.head
 
     def forward(self, acts):
-        state, aux = unpack(acts, self.mode, expert=len(self.model.routers) > 0)
+        lay = self.model.layout
+        state, aux = unpack(acts, self.mode, self.model, at=lay.recursions * lay.block)
         out = self.model.finish(state, None)
         return out.logits, aux, out.depth

@@ -248,3 +248,37 @@ def test_block_runs_at_every_recursion_even_with_no_active_token(name, overrides
     hook.remove()
     assert len(calls) == model.layout.recursions, calls
     assert int(out.depth.max()) <= 1, out.depth
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("mor", []), ("mor", ["routing.gating=none"]), ("mor_kvshare", []), ("mor_token", []),
+    ("mor_token", ["kv.strategy=share", "routing.token_func=sigmoid"]), ("recursive", []),
+])
+@pytest.mark.parametrize("mode", ["topk", "causal"])
+def test_a_step_split_into_layer_spans_equals_the_whole_step(name, overrides, mode):
+    """step(r, state, span) in pieces (route, some layers, the rest, merge; an empty span between)
+    gives the whole step's logits, depths and gradients exactly: a pipeline cut may fall there."""
+    model = make(name, overrides)
+    n = model.layout.block
+    assert n >= 2
+    x = tokens()
+
+    def run(split: bool):
+        model.zero_grad()
+        state = model.begin(x, mode)
+        for r in range(model.layout.recursions):
+            if split:
+                for span in ((0, 1), (1, 1), (1, n)):
+                    state = model.step(r, state, span)
+                    assert (state.x is None) == (span[1] == n)
+            else:
+                state = model.step(r, state)
+        out = model.finish(state, x)
+        out.loss.backward()
+        return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    (whole, g_whole), (split, g_split) = run(False), run(True)
+    assert torch.equal(whole.logits, split.logits) and torch.equal(whole.depth, split.depth)
+    assert g_whole.keys() == g_split.keys() and any(k.startswith("shared.") for k in g_whole)
+    for k in g_whole:
+        assert torch.equal(g_whole[k], g_split[k]), k

@@ -27,11 +27,19 @@ PP2_CASES = [
     ("mor_token", ("parallel.pipeline=2",)),
     ("mor_kvshare", ("parallel.pipeline=2", "parallel.stage_recursions=[3,0]")),  # pinned: KV stays on stage 0
     ("mor", ("parallel.pipeline=2", "parallel.activation_checkpointing=recursion")),
+    # Cuts inside a recursion (the block's 2 layers x 3 recursions = 6 passes): the partial block
+    # output, the slots and the gate cross the stage; checkpoint regions are the spans.
+    ("mor", ("parallel.pipeline=2", "parallel.stage_layers=[3,3]", "parallel.activation_checkpointing=recursion")),
+    ("mor_token", ("parallel.pipeline=2", "parallel.stage_layers=[3,3]")),
+    ("recursive", ("parallel.pipeline=2", "parallel.stage_layers=[1,5]")),
 ]
 PP3_CASES = [
     ("mor", ("parallel.pipeline=3",)),  # embed+first | 3 recursions | last+head
     # A recursion on every stage: the middle stage receives and sends token-choice state.
     ("mor_token", ("parallel.pipeline=3", "parallel.stage_recursions=[1,1,1]")),
+    # The middle stage receives a recursion half done and hands on another half done.
+    ("mor", ("parallel.pipeline=3", "parallel.stage_layers=[1,4,1]")),
+    ("mor_token", ("parallel.pipeline=3", "parallel.stage_layers=[1,4,1]")),
 ]
 WORLD4_CASES = [
     ("mor", ("parallel.pipeline=2", "parallel.tensor=2")),
