@@ -92,6 +92,8 @@ OVERRIDES = [
     ("parallel.zero_stage=4", "parallel.zero_stage"),
     ("parallel.microbatches=-1", "parallel.microbatches"),
     ("parallel.stage_recursions=[1,1]", "parallel.stage_recursions"),
+    ("parallel.stage_layers=[1,1]", "parallel.stage_layers"),
+    ("parallel.stage_layers=[-1,7]", "parallel.stage_layers"),
 ]
 
 # name -> file contents: bad YAML configs, each refused naming the file.

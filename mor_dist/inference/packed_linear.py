@@ -2,8 +2,8 @@
 
 Decoding multiplies a few rows (the tokens of one tick) by each weight. MKL's GEMM packs the weight
 again on every call, which dominates at few rows: on the development machine a 13 x 1024 by
-1024 x 2816 product ran at about 40 GFLOP/s against 70 at 32 rows, while a prepacked oneDNN
-weight ran at about 100 at either (the same idea as inductor's CPU weight prepacking under
+1024 x 2816 product ran at 46 GFLOP/s against 67 at 32 rows, while a prepacked oneDNN weight ran
+at 101 and 95 (bench/packed_linear.py; the same idea as inductor's CPU weight prepacking under
 freezing, and the CPU backends of serving engines). MoR suffers more from it than vanilla, since
 its unique first and last layers and the head see only the tokens entering or leaving the
 recursions each tick.

@@ -181,7 +181,8 @@ class MoRModel(nn.Module):
         kv_mode = "own" if self.kv_strategy != "share" else ("record" if r == 0 else "reuse")
         return TokenFrame(pos, valid, kv_mode, state.kv_store)
 
-    def _run_block(self, r: int, x: torch.Tensor, frame: TokenFrame, span: tuple[int, int] | None = None) -> torch.Tensor:
+    def _run_block(self, r: int, x: torch.Tensor, frame: TokenFrame,
+                   span: tuple[int, int] | None = None) -> torch.Tensor:
         """f: the shared layers of step r (those lo..hi-1 of span), each keyed by its slot j for KV sharing."""
         schedule = self.layout.schedule[r]
         lo, hi = span if span is not None else (0, len(schedule))

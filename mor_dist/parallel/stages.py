@@ -40,7 +40,7 @@ from mor_dist.parallel.dims import ParallelLayoutError
 SPLIT_GAIN = 0.05
 
 
-def _units(cfg) -> tuple[int, int]:
+def shared_passes(cfg) -> tuple[int, int]:
     """(recursions, block layers): the shared-layer passes are recursions x block, in order."""
     from mor_dist.model.layout import make_layout
 
@@ -64,14 +64,14 @@ def stage_spans(plan: list[int], block: int) -> list[list[tuple[int, int, int]]]
 
 
 def describe_plan(cfg, plan: list[int]) -> str:
-    """Each stage's part of the recursions, 1-based: 'r1 L1-10, r2 L1-4 | r2 L5-10, r3 L1-10 | -'."""
-    _, block = _units(cfg)
+    """Each stage's part of the recursions, 1-based: 'r1, r2 L1-4 / r2 L5-10, r3 / -'."""
+    _, block = shared_passes(cfg)
     stages = []
     for spans in stage_spans(plan, block):
         parts = [f"r{r + 1}" if (lo, hi) == (0, block) else f"r{r + 1} L{lo + 1}" + (f"-{hi}" if hi - lo > 1 else "")
                  for r, lo, hi in spans]
         stages.append(", ".join(parts) or "-")
-    return " | ".join(stages)
+    return " / ".join(stages)
 
 
 def stage_plan(cfg) -> list[int]:
@@ -81,7 +81,7 @@ def stage_plan(cfg) -> list[int]:
     the fewest training FLOPs (stage_flops), cut between recursions unless a cut inside one makes
     the slowest stage SPLIT_GAIN lighter."""
     p = cfg.parallel
-    nr, block = _units(cfg)
+    nr, block = shared_passes(cfg)
     pp = p.pipeline
     share = cfg.kv.strategy == "share"
     if p.stage_layers is not None:
@@ -101,7 +101,7 @@ def stage_plan(cfg) -> list[int]:
         plan = [n * block for n in plan]
         pinned = "parallel.stage_recursions"
     else:
-        aligned = [[n * block for n in c] for c in _plans(nr, pp) if not share or sum(1 for n in c if n) <= 1]
+        aligned = [[n * block for n in c] for c in recursion_splits(nr, pp) if not share or sum(1 for n in c if n) <= 1]
         if not aligned:
             raise ParallelLayoutError(
                 f"parallel.pipeline={pp} leaves {pp - 2} middle stages for {nr} recursions"
@@ -126,7 +126,7 @@ def stage_plan(cfg) -> list[int]:
     return plan
 
 
-def _plans(nr: int, pp: int):
+def recursion_splits(nr: int, pp: int):
     """Every split of the nr recursions, in order, over pp stages (middle stages non-empty)."""
     from itertools import combinations_with_replacement
 
@@ -142,7 +142,7 @@ def _unit_flops(cfg) -> tuple[float, list[float], float]:
     A recursion's router goes with its first pass (the stage that routes it)."""
     from mor_dist.model.accounting import forward_flops_pieces, router_flops
 
-    nr, block = _units(cfg)
+    nr, block = shared_passes(cfg)
     pieces = forward_flops_pieces(cfg)
     units = []
     for r, f in enumerate(pieces["recursions"]):

@@ -40,7 +40,8 @@ def test_continuous_batching_equals_full_forward_per_request(key, rows, prefill,
     """pack: prepacked CPU weights (the default on CPU) or nn.Linear's own path."""
     model = tiny_model(key)
     prompts = [prompt(n, seed=n) for n in LENGTHS]
-    engine = ServingEngine(model, rows, keep_logits=True, prefill_tokens=prefill, page_size=page, pack_weights=pack)
+    engine = ServingEngine(model, rows, keep_logits=True, prefill_tokens=prefill, page_size=page,
+                           pack_weights=pack)
     assert engine.packed == (pack and available())
     ids = [engine.submit(p, 6 + 2 * i) for i, p in enumerate(prompts)]
     done = engine.run()

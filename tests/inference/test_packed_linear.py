@@ -88,3 +88,18 @@ def test_tied_weight_holder():
         torch.testing.assert_close(head.linear(x), x @ emb.weight.t(), rtol=1e-5, atol=1e-5)
         emb.weight.mul_(2)
         torch.testing.assert_close(head.linear(x), x @ emb.weight.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_script_runs(capsys):
+    """bench/packed_linear.py at toy sizes: both paths measured at every row count."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("packed_bench", "bench/packed_linear.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--json", "--d-model", "64", "--d-ff", "96", "--rows", "1", "8", "--rounds", "1",
+                       "--seconds", "0.01"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["rows"]) == {"1", "8"}
+    assert all(r["linear"] > 0 and r["prepacked"] > 0 for r in out["rows"].values())

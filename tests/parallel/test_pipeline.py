@@ -77,8 +77,8 @@ def test_stage_spans_and_description():
     assert stage_spans([1, 4, 1], 2) == [[(0, 0, 1)], [(0, 1, 2), (1, 0, 2), (2, 0, 1)], [(2, 1, 2)]]
     assert stage_spans([0, 6], 2) == [[], [(0, 0, 2), (1, 0, 2), (2, 0, 2)]]
     cfg = config("mor", ["parallel.pipeline=3"])
-    assert describe_plan(cfg, [1, 4, 1]) == "r1 L1 | r1 L2, r2, r3 L1 | r3 L2"
-    assert describe_plan(cfg, [0, 6, 0]) == "- | r1, r2, r3 | -"
+    assert describe_plan(cfg, [1, 4, 1]) == "r1 L1 / r1 L2, r2, r3 L1 / r3 L2"
+    assert describe_plan(cfg, [0, 6, 0]) == "- / r1, r2, r3 / -"
 
 
 def _all_splits(n: int, pp: int):
@@ -145,3 +145,16 @@ def test_stage_params_follow_the_passes():
     embed, prefix, last = n([model.embed]), n([model.prefix]), n([model.suffix, model.norm])
     tied_head = embed if model.head is None else n([model.head])
     assert stage_params(cfg) == [embed + prefix + shared + router, shared + 2 * router, shared + last + tied_head]
+
+
+def test_stage_balance_bench_runs(capsys):
+    """bench/stage_balance.py: every preset's default plan, and the worst imbalance line."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("stage_balance", "bench/stage_balance.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--json", "--pp", "3"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 24 and all(r["imbalance"] <= r["whole_recursions_imbalance"] + 1e-9 for r in rows)

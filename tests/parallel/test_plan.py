@@ -37,7 +37,11 @@ def test_plan_matches_tp2_run(world2):
         _close(est[0].optimizer_bytes, got["optimizer"])
 
 
-@pytest.mark.parametrize("case", PP2_CASES[:2], ids=lambda c: c[0])
+# The default plans, and cuts inside a recursion (routers on the stage that routes them).
+PLAN_PP2 = PP2_CASES[:2] + [c for c in PP2_CASES if any(o.startswith("parallel.stage_layers") for o in c[1])]
+
+
+@pytest.mark.parametrize("case", PLAN_PP2, ids=lambda c: "-".join((c[0], *c[1])))
 def test_plan_matches_pp2_run(world2, case):
     est, _ = estimate(config(case[0], list(case[1])), gpus=2)
     for r in world2:
