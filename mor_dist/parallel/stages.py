@@ -101,18 +101,18 @@ def stage_plan(cfg) -> list[int]:
         plan = [n * block for n in plan]
         pinned = "parallel.stage_recursions"
     else:
-        aligned = [[n * block for n in c] for c in recursion_splits(nr, pp) if not share or sum(1 for n in c if n) <= 1]
-        if not aligned:
+        aligned = [[n * block for n in c] for c in recursion_splits(nr, pp)
+                   if not share or sum(1 for n in c if n) <= 1]
+        split = None if share else _balanced_cuts(cfg, pp)  # KV sharing keeps the recursions together
+        if not aligned and split is None:
             raise ParallelLayoutError(
                 f"parallel.pipeline={pp} leaves {pp - 2} middle stages for {nr} recursions"
-                + (" (kv.strategy=share keeps them on one stage)" if share else "")
+                + (" (kv.strategy=share keeps them on one stage)" if share else f" of {block} layers")
                 + "; use fewer stages or pin parallel.stage_recursions"
             )
-        plan = min(aligned, key=lambda c: (max(stage_flops(cfg, c)), c))
-        if not share:
-            split = _balanced_cuts(cfg, pp)
-            if split is not None and max(stage_flops(cfg, split)) * (1 + SPLIT_GAIN) < max(stage_flops(cfg, plan)):
-                plan = split
+        plan = min(aligned, key=lambda c: (max(stage_flops(cfg, c)), c)) if aligned else split
+        if split is not None and max(stage_flops(cfg, split)) * (1 + SPLIT_GAIN) < max(stage_flops(cfg, plan)):
+            plan = split
         pinned = "parallel.stage_recursions"
     if any(n == 0 for n in plan[1:-1]):
         raise ParallelLayoutError(f"{pinned}={list(p.stage_layers or p.stage_recursions or plan)}: every middle "

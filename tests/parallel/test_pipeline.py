@@ -69,6 +69,10 @@ def test_stage_plan_default_and_pinned():
     assert stage_plan(config("mor", ["parallel.pipeline=3", "parallel.stage_layers=[1,4,1]"])) == [1, 4, 1]
     with pytest.raises(ParallelLayoutError, match="every middle stage"):
         stage_plan(config("mor", ["parallel.pipeline=3", "parallel.stage_layers=[6,0,0]"]))
+    # More middle stages than recursions: cuts inside recursions fill them; past the passes, refused.
+    assert all(stage_plan(config("mor", ["parallel.pipeline=8"]))[1:-1])
+    with pytest.raises(ParallelLayoutError, match="7 middle stages for 3 recursions of 2 layers"):
+        stage_plan(config("mor", ["parallel.pipeline=9"]))
 
 
 def test_stage_spans_and_description():
