@@ -82,8 +82,11 @@ class ServingEngine:
         self.rows = max_requests
         self.cache = PagedKVCache(model, max_requests, kv, page_size, kv_pages)
         self.device = model.embed.weight.device
-        self.packed = bool(pack_weights if pack_weights is not None else self.device.type == "cpu") and bool(
-            pack_linears(model))
+        if pack_weights if pack_weights is not None else self.device.type == "cpu":
+            self.packed = bool(pack_linears(model))
+        else:  # asked for nn.Linear's own path: undo an earlier engine's packing of this model
+            unpack_linears(model)
+            self.packed = False
         # A tied head is F.linear with the embedding's weight, no Linear module: packed here.
         self.tied_head = PackedWeight(model.embed.weight) if self.packed and model.head is None else None
         self.temperature, self.keep_logits, self.clock = temperature, keep_logits, clock

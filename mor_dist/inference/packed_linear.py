@@ -11,8 +11,10 @@ recursions each tick.
 `pack_linears(model)` keeps each module an nn.Linear with its own parameters (state_dict,
 isinstance and training untouched) and gives it a forward that uses the packed copy only when it
 may: no gradient wanted, a CPU input of the weight's dtype, and a weight unchanged since packing
-(its storage and version are checked on every call, so an optimizer step or a .to() repacks
-rather than reading a stale copy). The packed copies cost one more copy of the weights' memory.
+(its storage and version are checked on every call, so an optimizer step, load_state_dict or a
+.to() repacks rather than reading a stale copy; writes through `.data` bypass the version counter and
+are not seen). The packed copies cost one more copy of the weights' memory, for as long as the
+model keeps them (a serving engine packs the model it is given).
 `unpack_linears(model)` restores the plain forward (torch.compile traces that one).
 """
 

@@ -19,8 +19,10 @@ gradient into an int64 buffer (garbage gradients of ~1e18). Floats first keeps e
   compact(), which keeps original order.
 - run, gate, assigned: token-choice state while recursions remain (h is then still H^1).
 - part, wgate: inside a recursion, the block's partial output (B, T, d) and expert-choice's weighted
-  gate (B, T), each at its tokens' places (the block's input is h there, unchanged until the merge).
-  A plain recursive model runs every token and its output replaces h: h itself is the partial output.
+  gate (B, T), each at its tokens' places (the block's input is h there, unchanged until the merge);
+  between recursions, one-element placeholders, so that the floats before aux are the same at every
+  cut and no stage sends more floats than it receives (run and gate only ever stop). A plain
+  recursive model runs every token and its output replaces h: h itself is the partial output.
 - aux (n_aux,) float: the routers' weighted aux losses so far, one slot per name; it reaches the
   loss on the last stage, so its gradient flows back to the router of whichever stage made it.
 """
@@ -108,7 +110,7 @@ def stage_plan(cfg) -> list[int]:
             raise ParallelLayoutError(
                 f"parallel.pipeline={pp} leaves {pp - 2} middle stages for {nr} recursions"
                 + (" (kv.strategy=share keeps them on one stage)" if share else f" of {block} layers")
-                + "; use fewer stages or pin parallel.stage_recursions"
+                + ("; use fewer stages or pin parallel.stage_recursions" if share else "; use fewer stages")
             )
         plan = min(aligned, key=lambda c: (max(stage_flops(cfg, c)), c)) if aligned else split
         if split is not None and max(stage_flops(cfg, split)) * (1 + SPLIT_GAIN) < max(stage_flops(cfg, plan)):
@@ -256,24 +258,30 @@ def pack(state: RecursionState, names: list[str], base_aux: torch.Tensor | None,
     floats = [h]
     if token_pending:
         floats += [state.run, state.gate.to(h.dtype)]
-    if mid and not plain:
-        # The step's partial block output, scattered to the tokens' places (fixed shapes): the next
-        # stage gathers it back at the same slots, rebuilt from `selected`.
-        slots = state.slots
-        if state.x is None:
+    if not plain:
+        if mid:
+            # The step's partial block output, scattered to the tokens' places (fixed shapes): the
+            # next stage gathers it back at the same slots, rebuilt from `selected`.
+            slots = state.slots
             part = torch.zeros_like(h)
-        elif slots is None:
-            part = state.x
-        else:
-            part = torch.zeros_like(h).scatter(1, slots.unsqueeze(-1).expand(-1, -1, h.shape[-1]), state.x)
-        floats.append(_in_autograd(part))
-        if weighted:
+            if state.x is not None:
+                part = part.scatter(1, slots.unsqueeze(-1).expand(-1, -1, h.shape[-1]), state.x)
             wgate = torch.zeros(b, t, dtype=h.dtype, device=dev)
             if state.wgate is not None:
                 wgate = wgate.scatter(1, slots, state.wgate.to(h.dtype))
+            # No token in this step (causal mode, every token exited): nothing selected.
+            selected = (_marks(b, t, slots, state.slots_valid, dev) if state.x is not None
+                        else torch.zeros(b, t, dtype=torch.long, device=dev))
+        else:
+            # Between recursions: one-element placeholders in the same places, so that every cut has
+            # the same floats before aux (a middle stage starting between recursions and ending
+            # inside one would otherwise receive gradients into its int64 buffers: see above).
+            part, wgate = h.new_zeros(1), h.new_zeros(1)
+            selected = _marks(b, t, state.idx, state.valid, dev)
+        floats.append(_in_autograd(part))
+        if weighted:
             floats.append(_in_autograd(wgate))
-        selected = _marks(b, t, slots, state.slots_valid, dev)
-    elif mid:
+    elif mid:  # plain recursion inside a step: every token
         selected = _marks(b, t, None, None, dev)
     else:
         selected = _marks(b, t, state.idx, state.valid, dev)
@@ -288,9 +296,12 @@ def unpack(acts: tuple, mode: str, model, at: int) -> tuple[RecursionState, torc
     h = acts.pop(0)
     run, gate = (acts.pop(0), acts.pop(0)) if token_pending else (None, None)
     plain = not expert and model.token_router is None
-    part = acts.pop(0) if mid and not plain else None
-    wgate = acts.pop(0) if mid and weighted else None
+    part = acts.pop(0) if not plain else None
+    wgate = acts.pop(0) if weighted else None
     aux, depth, selected = acts.pop(0), acts.pop(0), acts.pop(0)
+    if part is not None and not mid:
+        # Placeholders take part in autograd (zero gradients), so DeepSpeed has one to send back.
+        aux = aux + 0.0 * (part.sum() + (wgate.sum() if wgate is not None else 0.0))
     assigned = acts.pop(0) if token_pending else None
     b, t = depth.shape
     pos = torch.arange(t, device=h.device).expand(b, t)

@@ -7,7 +7,7 @@ import torch
 
 from mor_dist.inference.decode import generate
 from mor_dist.inference.engine import ServingEngine
-from mor_dist.inference.packed_linear import available
+from mor_dist.inference.packed_linear import available, unpack_linears
 from tests.inference.helpers import MODELS, prompt, tiny_model
 
 LENGTHS = (5, 17, 9, 30, 3, 12, 1)
@@ -46,6 +46,7 @@ def test_continuous_batching_equals_full_forward_per_request(key, rows, prefill,
     ids = [engine.submit(p, 6 + 2 * i) for i, p in enumerate(prompts)]
     done = engine.run()
     assert sorted(done) == ids
+    unpack_linears(model)  # the references: nn.Linear's own path
     depths = set()
     for i, p in zip(ids, prompts):
         logits, want = full_forward(model, p, done[i].tokens)

@@ -40,6 +40,8 @@ PP3_CASES = [
     # The middle stage receives a recursion half done and hands on another half done.
     ("mor", ("parallel.pipeline=3", "parallel.stage_layers=[1,4,1]")),
     ("mor_token", ("parallel.pipeline=3", "parallel.stage_layers=[1,4,1]")),
+    # The middle stage receives between recursions and sends inside one (more floats out than in).
+    ("mor", ("parallel.pipeline=3", "parallel.stage_layers=[2,3,1]")),
 ]
 WORLD4_CASES = [
     ("mor", ("parallel.pipeline=2", "parallel.tensor=2")),

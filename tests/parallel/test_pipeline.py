@@ -162,3 +162,39 @@ def test_stage_balance_bench_runs(capsys):
     assert bench.main(["--json", "--pp", "3"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 24 and all(r["imbalance"] <= r["whole_recursions_imbalance"] + 1e-9 for r in rows)
+
+
+@pytest.mark.parametrize("name, overrides, silent_router", [
+    ("mor", [], None), ("mor", ["routing.gating=none"], None), ("mor_token", [], None), ("recursive", [], None),
+    ("mor", [], 1),  # causal mode: router 2 stops every token, so recursion 3 receives none
+])
+@pytest.mark.parametrize("mode", ["topk", "causal"])
+def test_activation_tuple_round_trip_at_every_cut(name, overrides, silent_router, mode):
+    """The stage tuple taken and rebuilt after every shared-layer pass (between and inside
+    recursions, as consecutive stages would) continues the forward exactly; and no cut sends more
+    floats before aux than an earlier one (DeepSpeed reuses receive buffers by position)."""
+    from mor_dist.model import build_model
+    from mor_dist.parallel.stages import aux_names, pack, stage_spans, unpack
+
+    torch.manual_seed(0)
+    model = build_model(config(name, overrides)).eval()
+    if silent_router is not None:  # its causal decision stops every token
+        model.routers[silent_router].causal_logits = lambda h, logits: torch.full_like(logits, -1.0)
+    names = aux_names(model, 16)
+    tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(1))
+    block, nr = model.layout.block, model.layout.recursions
+    with torch.no_grad():
+        ref = model(tokens, mode=mode)
+        state, aux, floats = model.begin(tokens, mode), None, []
+        for at in range(nr * block + 1):
+            acts = tuple(a.clone() for a in pack(state, names, aux, model, at))  # a fresh stage's copy
+            floats.append(sum(1 for a in acts if a.is_floating_point()) - 1)  # before aux
+            state, aux = unpack(acts, mode, model, at)
+            if at < nr * block:
+                (r, lo, hi), = stage_spans([at, 1], block)[1]
+                state = model.step(r, state, (lo, hi))
+        out = model.finish(state)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.depth, ref.depth)
+    assert floats == sorted(floats, reverse=True), floats
+    if silent_router is not None and mode == "causal":
+        assert int(ref.depth.max()) == silent_router  # the case is what it says: nobody reaches the last step
