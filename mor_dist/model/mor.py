@@ -189,13 +189,14 @@ class MoRModel(nn.Module):
         return self.run_layers([self.shared[li] for li in schedule[lo:hi]], x, frame, range(lo, hi))
 
     def _route(self, r: int, s: RecursionState) -> None:
-        """Choose the tokens step r runs: s.slots, s.slots_valid, and their block input s.x."""
+        """Choose the tokens step r runs: s.slots, s.slots_valid, and their block input s.x (None:
+        no token runs)."""
+        s.slots = s.slots_valid = s.x = s.wgate = None
         if self.token_router is not None:
             self._token_route(r, s)
         elif self.routers:
             self._expert_route(r, s)
         else:  # plain recursive model: every token, every step
-            s.slots = s.slots_valid = s.wgate = None
             s.x = s.h
 
     def _merge(self, r: int, s: RecursionState) -> None:
@@ -220,7 +221,6 @@ class MoRModel(nn.Module):
     # ------------------------------------------------------------------ expert-choice
     def _expert_route(self, r: int, s: RecursionState) -> None:
         b, t, d = s.h.shape
-        s.slots = s.slots_valid = s.x = s.wgate = None
         if s.idx is None:  # step 1: every token is a candidate
             cand, cand_valid = s.pos.new_tensor(range(t)).expand(b, t), None
         else:
@@ -323,7 +323,7 @@ class MoRModel(nn.Module):
         # differ must still make the same calls (skipping one hangs the others).
         order, valid = compact(active, min_width=1)
         self._record_active(r, s, active.float().mean())
-        s.slots, s.slots_valid, s.wgate = order, valid, None
+        s.slots, s.slots_valid = order, valid
         s.x = s.run.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
 
     def _token_merge(self, r: int, s: RecursionState) -> None:

@@ -93,15 +93,15 @@ def stage_plan(cfg) -> list[int]:
                 f"parallel.stage_layers={plan} needs {pp} entries >= 0 summing to {nr} x {block} = {nr * block} "
                 "shared-layer passes"
             )
-        pinned = "parallel.stage_layers"
+        pinned = f"parallel.stage_layers={plan}"
     elif p.stage_recursions is not None:
         plan = list(p.stage_recursions)
         if len(plan) != pp or sum(plan) != nr or min(plan) < 0:
             raise ParallelLayoutError(
                 f"parallel.stage_recursions={plan} needs {pp} entries >= 0 summing to {nr} recursions"
             )
+        pinned = f"parallel.stage_recursions={plan}"
         plan = [n * block for n in plan]
-        pinned = "parallel.stage_recursions"
     else:
         aligned = [[n * block for n in c] for c in recursion_splits(nr, pp)
                    if not share or sum(1 for n in c if n) <= 1]
@@ -115,10 +115,9 @@ def stage_plan(cfg) -> list[int]:
         plan = min(aligned, key=lambda c: (max(stage_flops(cfg, c)), c)) if aligned else split
         if split is not None and max(stage_flops(cfg, split)) * (1 + SPLIT_GAIN) < max(stage_flops(cfg, plan)):
             plan = split
-        pinned = "parallel.stage_recursions"
-    if any(n == 0 for n in plan[1:-1]):
-        raise ParallelLayoutError(f"{pinned}={list(p.stage_layers or p.stage_recursions or plan)}: every middle "
-                                  "stage needs a shared layer to run")
+        pinned = None  # both searches keep every middle stage busy
+    if pinned and any(n == 0 for n in plan[1:-1]):
+        raise ParallelLayoutError(f"{pinned}: every middle stage needs a shared layer to run")
     if share and sum(1 for n in plan if n) > 1:
         raise ParallelLayoutError(
             f"kv.strategy='share' with parallel.pipeline={pp} splits the recursions over stages {plan}; "
@@ -219,14 +218,15 @@ def aux_names(model, seq_len: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------- state <-> tuple
-def _cut(model, at: int) -> tuple[bool, bool, bool, bool]:
-    """What crosses the cut before shared-layer pass `at`: (expert, weighted gate, token-choice
-    state pending, inside a recursion)."""
+def _cut(model, at: int) -> tuple[bool, bool, bool, bool, bool]:
+    """What crosses the cut before shared-layer pass `at`: (expert, weighted gate, plain recursion
+    (no router), token-choice state pending, inside a recursion)."""
     lay = model.layout
     expert = len(model.routers) > 0
     weighted = expert and model.routing.gating == "weighted"
+    plain = not expert and model.token_router is None
     token_pending = model.token_router is not None and at < lay.recursions * lay.block
-    return expert, weighted, token_pending, at % max(lay.block, 1) != 0
+    return expert, weighted, plain, token_pending, at % max(lay.block, 1) != 0
 
 
 def _marks(b: int, t: int, idx, valid, device) -> torch.Tensor:
@@ -245,14 +245,13 @@ def _in_autograd(x: torch.Tensor) -> torch.Tensor:
 
 def pack(state: RecursionState, names: list[str], base_aux: torch.Tensor | None, model, at: int) -> tuple:
     """The state at the cut before shared-layer pass `at`, as the activation tuple."""
-    expert, weighted, token_pending, mid = _cut(model, at)
+    expert, weighted, plain, token_pending, mid = _cut(model, at)
     b, t = state.depth.shape
     h, dev = state.h, state.h.device
     aux = base_aux if base_aux is not None else h.new_zeros(len(names))
     new = [state.aux[n].reshape(1).to(aux.dtype) if n in state.aux else None for n in names]
     if any(v is not None for v in new):
         aux = aux + torch.cat([v if v is not None else aux.new_zeros(1) for v in new])
-    plain = not expert and model.token_router is None
     if mid and plain:  # every token runs the block and its output replaces h: the partial output is h
         h = state.x
     floats = [h]
@@ -266,8 +265,8 @@ def pack(state: RecursionState, names: list[str], base_aux: torch.Tensor | None,
             part = torch.zeros_like(h)
             if state.x is not None:
                 part = part.scatter(1, slots.unsqueeze(-1).expand(-1, -1, h.shape[-1]), state.x)
-            wgate = torch.zeros(b, t, dtype=h.dtype, device=dev)
-            if state.wgate is not None:
+            wgate = torch.zeros(b, t, dtype=h.dtype, device=dev) if weighted else None
+            if weighted and state.wgate is not None:
                 wgate = wgate.scatter(1, slots, state.wgate.to(h.dtype))
             # No token in this step (causal mode, every token exited): nothing selected.
             selected = (_marks(b, t, slots, state.slots_valid, dev) if state.x is not None
@@ -276,7 +275,7 @@ def pack(state: RecursionState, names: list[str], base_aux: torch.Tensor | None,
             # Between recursions: one-element placeholders in the same places, so that every cut has
             # the same floats before aux (a middle stage starting between recursions and ending
             # inside one would otherwise receive gradients into its int64 buffers: see above).
-            part, wgate = h.new_zeros(1), h.new_zeros(1)
+            part, wgate = h.new_zeros(1), h.new_zeros(1) if weighted else None
             selected = _marks(b, t, state.idx, state.valid, dev)
         floats.append(_in_autograd(part))
         if weighted:
@@ -291,11 +290,10 @@ def pack(state: RecursionState, names: list[str], base_aux: torch.Tensor | None,
 
 def unpack(acts: tuple, mode: str, model, at: int) -> tuple[RecursionState, torch.Tensor]:
     """The tuple pack() made at the same cut, back to a state (and the aux losses so far)."""
-    expert, weighted, token_pending, mid = _cut(model, at)
+    expert, weighted, plain, token_pending, mid = _cut(model, at)
     acts = list(acts)
     h = acts.pop(0)
     run, gate = (acts.pop(0), acts.pop(0)) if token_pending else (None, None)
-    plain = not expert and model.token_router is None
     part = acts.pop(0) if not plain else None
     wgate = acts.pop(0) if weighted else None
     aux, depth, selected = acts.pop(0), acts.pop(0), acts.pop(0)
@@ -309,7 +307,7 @@ def unpack(acts: tuple, mode: str, model, at: int) -> tuple[RecursionState, torc
     if run is not None:
         state.run, state.gate, state.assigned, state.h1 = run, gate, assigned, h
     if mid:
-        if expert or model.token_router is not None:
+        if not plain:
             # The route's slots: ascending positions, padded as the route padded (compact).
             slots, valid = compact(selected.bool(), min_width=1)
             state.slots, state.slots_valid = slots, valid
