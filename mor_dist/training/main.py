@@ -104,9 +104,11 @@ def train(cfg, force: bool = False) -> int:
         elif cfg.train.eval_interval and dims.rank == 0:
             log.warning("the dataset has no validation split: no evaluation (prepare with data.val_fraction > 0)")
 
+        from mor_dist.parallel.engine import uses_bf16
         from mor_dist.training.peak_flops import resolve_peak_tflops
 
-        cfg.logging.peak_tflops = resolve_peak_tflops(cfg.logging.peak_tflops, dims.rank)  # for MFU
+        dtype = torch.bfloat16 if uses_bf16(cfg) else torch.float32
+        cfg.logging.peak_tflops = resolve_peak_tflops(cfg.logging.peak_tflops, dims.rank, dtype)  # for MFU
         trainer = Trainer(cfg, dims, module, train_loader, val_loader, tokenizer, run_dir)
         if dims.rank == 0:
             log.info("run folder %s | world %d (dp %d, tp %d, pp %d) | %d micro-batches of %d per step",

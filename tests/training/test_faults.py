@@ -95,6 +95,8 @@ def test_nan_loss_stops_with_the_step_or_is_skipped(tiny_dataset, tmp_path):
 
 
 def test_peak_tflops_from_the_device_table_or_measured():
+    import torch
+
     from mor_dist.training.peak_flops import device_peak_tflops, measured_cpu_tflops, resolve_peak_tflops
 
     assert device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
@@ -104,3 +106,5 @@ def test_peak_tflops_from_the_device_table_or_measured():
     assert resolve_peak_tflops(123.0) == 123.0  # set by hand: used as is
     cpu = measured_cpu_tflops(seconds=0.05, n=256)
     assert 1e-4 < cpu < 100  # a real measurement of this machine, not a constant
+    # A bf16 run is measured against a bf16 matmul (bf16 instructions run it ~2x fp32's rate).
+    assert 1e-4 < measured_cpu_tflops(seconds=0.05, n=256, dtype=torch.bfloat16) < 100
