@@ -63,8 +63,12 @@ def pick(logits: torch.Tensor, temperature: float = 0.0, generator=None) -> torc
     """Next token from last-position logits (n, V): greedy at temperature 0, else sampled."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one uniform draw per row. torch.multinomial draws an exponential per
+    # vocabulary entry, ~3% of a decode tick on the CPU at a 4096-entry vocabulary. side="right"
+    # never lands on a zero-probability entry (its CDF equals its predecessor's).
+    cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 class ServingEngine:

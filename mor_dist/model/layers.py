@@ -107,14 +107,24 @@ class Attention(nn.Module):
         b, k, _ = x.shape
         return x.view(b, k, -1, self.head_dim).transpose(1, 2)  # (B, H, K, D)
 
+    def project_qkv(self, x: torch.Tensor):
+        """The q, k, v projections of x. A serving engine may give an instance one fused product
+        instead (mor_dist/inference/packed_linear.py)."""
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def forward(self, x: torch.Tensor, frame: TokenFrame, key) -> torch.Tensor:
-        q = self.rope(self._heads(self.wq(x)), frame.pos)
+        writes = frame.cache[key].writes if frame.cache is not None else frame.kv_mode != "reuse"
+        if writes:
+            q, k, v = self.project_qkv(x)
+            k, v = self.rope(self._heads(k), frame.pos), self._heads(v)
+        else:
+            q = self.wq(x)
+        q = self.rope(self._heads(q), frame.pos)
         if frame.cache is not None:
             # Incremental decoding: keys come from the cache, which holds earlier calls' tokens too.
             view = frame.cache[key]
-            if view.writes:
-                k = self.rope(self._heads(self.wk(x)), frame.pos)
-                view.append(k, self._heads(self.wv(x)), frame.pos, frame.valid)
+            if writes:
+                view.append(k, v, frame.pos, frame.valid)
             out = view.attend(q, frame.pos)
         elif frame.kv_mode == "reuse":
             # Recursive KV sharing: this layer's K/V from recursion 1 (all its tokens); the active
@@ -122,8 +132,6 @@ class Attention(nn.Module):
             k, v, k_pos, k_valid = frame.kv_store[key]
             out = routed_attention(q, k, v, frame.pos, k_pos, k_valid)
         else:
-            k = self.rope(self._heads(self.wk(x)), frame.pos)
-            v = self._heads(self.wv(x))
             if frame.kv_mode == "record":
                 frame.kv_store[key] = (k, v, frame.pos, frame.valid)
             out = routed_attention(q, k, v, frame.pos, frame.pos, frame.valid, same_tokens=True)
@@ -138,8 +146,13 @@ class SwiGLU(nn.Module):
         self.w_up = nn.Linear(d_model, d_ff, bias=False)
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
+    def project_gate_up(self, x: torch.Tensor):
+        """The gate and up projections of x (a serving engine may fuse them, as project_qkv)."""
+        return self.w_gate(x), self.w_up(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.project_gate_up(x)
+        return self.w_down(F.silu(gate) * up)
 
 
 class TransformerLayer(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mor_dist.inference.decode import generate
-from mor_dist.inference.engine import ServingEngine
+from mor_dist.inference.engine import ServingEngine, pick
 from mor_dist.inference.packed_linear import available, unpack_linears
 from tests.inference.helpers import MODELS, prompt, tiny_model
 
@@ -132,11 +132,28 @@ def test_eos_stops_a_request():
     assert engine.run()[rid].tokens == alone["tokens"][: alone["tokens"].index(eos) + 1]
 
 
+def test_pick_samples_the_softmax_and_never_a_zero_probability_token():
+    logits = torch.tensor([[2.0, 0.0, -float("inf"), 1.0, -1.0], [0.0, 0.0, 0.0, 0.0, 5.0]])
+    assert pick(logits).tolist() == [0, 4]  # temperature 0: greedy
+    n = 20000
+    draws = pick(logits.repeat(n, 1), 1.0, torch.Generator().manual_seed(0)).view(n, 2)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / n
+        expected = torch.softmax(logits[row].double(), -1)
+        # 5 standard errors of a frequency at n draws: a wrong sampler (say, off by one entry) fails.
+        assert torch.all((freq - expected).abs() <= 5 * (expected * (1 - expected) / n).sqrt() + 1e-12), (freq, expected)
+    assert not (draws[:, 0] == 2).any()
+    hot = pick(logits.repeat(n, 1), 2.0, torch.Generator().manual_seed(0)).view(n, 2)  # flatter at T=2
+    assert (hot[:, 1] == 4).double().mean() < (draws[:, 1] == 4).double().mean()
+    again = pick(logits.repeat(n, 1), 1.0, torch.Generator().manual_seed(0)).view(n, 2)
+    assert torch.equal(draws, again)  # seeded: reproducible
+
+
 def test_one_device_to_host_copy_per_tick(monkeypatch):
     """The tick's only transfer to the host is the report (.tolist() of one tensor): no .item(),
     no int()/bool() of a tensor, no nonzero() anywhere in it."""
     model = tiny_model("mor_expert")
-    engine = ServingEngine(model, 4, prefill_tokens=8)
+    engine = ServingEngine(model, 4, prefill_tokens=8, temperature=1.0)  # sampling syncs nothing either
     for n in (9, 14, 3):
         engine.submit(prompt(n, seed=n), 8)
     calls = {"tolist": 0, "other": 0}

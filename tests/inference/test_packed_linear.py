@@ -80,6 +80,46 @@ def test_unpack_restores_plain_forward_and_state_dict_is_untouched():
     assert "forward" not in model[0].__dict__ and "_mor_packed" not in model[0].__dict__
 
 
+def layer_pair():
+    """A transformer layer, and a packed copy of it."""
+    from mor_dist.model.layers import RotaryEmbedding, TransformerLayer
+
+    torch.manual_seed(0)
+    make = lambda: TransformerLayer(64, 4, 2, 16, 96, 1e-5, RotaryEmbedding(16, 32, 10000.0))  # noqa: E731
+    ref, packed = make(), make()
+    packed.load_state_dict(ref.state_dict())
+    pack_linears(packed)
+    return ref, packed
+
+
+def test_fused_projections_equal_separate_ones_and_follow_updates():
+    from mor_dist.model.layers import TokenFrame
+
+    ref, packed = layer_pair()
+    x, pos = torch.randn(3, 5, 64), torch.arange(5).repeat(3, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x, TokenFrame(pos)), ref(x, TokenFrame(pos)), rtol=1e-5, atol=1e-5)
+        q, k, v = packed.attn.project_qkv(x)
+        assert packed.attn._mor_fused.packed is not None, "the fused product was not taken"
+        assert (q.shape[-1], k.shape[-1], v.shape[-1]) == (64, 32, 32)
+        for got, lin in zip((q, k, v), (ref.attn.wq, ref.attn.wk, ref.attn.wv)):
+            torch.testing.assert_close(got, lin(x), rtol=1e-5, atol=1e-5)
+        gate, up = packed.mlp.project_gate_up(x)
+        torch.testing.assert_close(gate, ref.mlp.w_gate(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(up, ref.mlp.w_up(x), rtol=1e-5, atol=1e-5)
+        # A change of one of the stacked weights repacks the fused product; so does a new parameter.
+        for layer in (ref, packed):
+            layer.attn.wv.weight.mul_(3)
+            layer.mlp.w_up.weight = nn.Parameter(layer.mlp.w_up.weight * 0.5)
+        torch.testing.assert_close(packed(x, TokenFrame(pos)), ref(x, TokenFrame(pos)), rtol=1e-5, atol=1e-5)
+    # Gradients wanted: the modules' own projections (autograd reaches every weight).
+    packed(x, TokenFrame(pos)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in packed.named_parameters() if "norm" not in n)
+    unpack_linears(packed)
+    assert not any(k in packed.attn.__dict__ for k in ("_mor_fused", "project_qkv"))
+    assert "project_gate_up" not in packed.mlp.__dict__
+
+
 def test_tied_weight_holder():
     emb = nn.Embedding(50, 64)
     head = PackedWeight(emb.weight)
