@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--round-ticks", type=int, default=24)
     p.add_argument("--min-rounds", type=int, default=3)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--calibration-seqs", type=int, default=48,
+                   help="sequences per router-calibration round (depth varies per request: few give a biased mean depth)")
     p.add_argument("--profile-ticks", type=int, default=6, help="ticks profiled per MoR model for the overhead share")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on cuda, fp32 on cpu)")
@@ -83,6 +85,7 @@ def parse_args(argv=None):
         args.recursions, args.batch, args.kv_batch = [2, 3], 6, 2
         args.prompt_len, args.gen_len, args.requests_per_row = 16, 12, 3
         args.round_ticks, args.min_rounds, args.profile_ticks, args.page_size = 6, 2, 2, 8
+        args.calibration_seqs = 8
     return args
 
 
@@ -140,13 +143,14 @@ def calibrate_on_decoding(args, model, kv: str) -> None:
     decodes itself (sampling at temperature 1), counting only the generated positions: the routers
     then see the states that decoding produces."""
     seq_len = args.prompt_len + args.gen_len
-    random_seqs = synthetic_prompts(16, seq_len, args.vocab, seed=args.seed + 1)
+    n = args.calibration_seqs
+    random_seqs = synthetic_prompts(n, seq_len, args.vocab, seed=args.seed + 1)
     calibrate_routers(model, random_seqs, [0] * len(random_seqs))
     from mor_dist.inference.engine import ServingEngine
 
     for round_ in range(2):
-        engine = ServingEngine(model, 8, kv=kv, temperature=1.0, seed=args.seed + 2 + round_)
-        prompts = synthetic_prompts(16, args.prompt_len, args.vocab, seed=args.seed + 3 + round_)
+        engine = ServingEngine(model, 16, kv=kv, temperature=1.0, seed=args.seed + 2 + round_)
+        prompts = synthetic_prompts(n, args.prompt_len, args.vocab, seed=args.seed + 3 + round_)
         ids = [engine.submit(p, args.gen_len) for p in prompts]
         done = engine.run()
         seqs = [done[i].prompt + done[i].tokens[:-1] for i in ids]
