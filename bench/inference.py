@@ -8,8 +8,9 @@ Models (random weights, Llama shapes; MoR is Middle-Cycle 1 + B x Nr + 1, expert
 - MoR Nr = 2, 3, 4, each with recursion-wise caching (rw) and recursive KV sharing (share).
 Untrained expert routers keep about half the tokens at every step; each gets a bias so that
 (Nr - r + 1) / Nr of tokens reach depth r (1, 2/3, 1/3 for Nr = 3): a stand-in for trained routers.
-The biases are calibrated on sequences the model decodes itself (sampling at temperature 1, as the
-benchmark does), on the generated positions; the depths actually taken are measured and printed.
+The biases are calibrated on the engine's own decoding of the benchmark's workload (calibrate_live:
+the same closed loop, sampling at temperature 1, before the measured run); the depths actually taken
+are measured and printed.
 
 Workload: a closed loop (a request arrives as one finishes) of prompts of prompt_len/2..prompt_len
 tokens and gen_len/2..gen_len new tokens, at least --requests-per-row x rows requests per model.
@@ -68,8 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--round-ticks", type=int, default=24)
     p.add_argument("--min-rounds", type=int, default=3)
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--calibration-seqs", type=int, default=48,
-                   help="sequences per router-calibration round (depth varies per request: few give a biased mean depth)")
+    p.add_argument("--calibration-seqs", type=int, default=16, help="random sequences for the routers' first setting")
+    p.add_argument("--calibration-rounds", type=int, default=3, help="router calibration rounds on the workload's decoding")
+    p.add_argument("--calibration-ticks", type=int, default=150, help="engine ticks recorded per calibration round")
     p.add_argument("--profile-ticks", type=int, default=6, help="ticks profiled per MoR model for the overhead share")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on cuda, fp32 on cpu)")
@@ -85,7 +87,7 @@ def parse_args(argv=None):
         args.recursions, args.batch, args.kv_batch = [2, 3], 6, 2
         args.prompt_len, args.gen_len, args.requests_per_row = 16, 12, 3
         args.round_ticks, args.min_rounds, args.profile_ticks, args.page_size = 6, 2, 2, 8
-        args.calibration_seqs = 8
+        args.calibration_seqs, args.calibration_rounds, args.calibration_ticks = 8, 2, 12
     return args
 
 
@@ -139,22 +141,77 @@ def calibrate_routers(model, seqs: list[list[int]], starts: list[int]) -> None:
 
 @torch.no_grad()
 def calibrate_on_decoding(args, model, kv: str) -> None:
-    """Calibrate on random sequences of the workload's length, then again on sequences this model
-    decodes itself (sampling at temperature 1), counting only the generated positions: the routers
-    then see the states that decoding produces."""
+    """A first setting from random sequences of the workload's length, then rounds on the engine's own
+    decoding of the benchmark's workload (calibrate_live)."""
     seq_len = args.prompt_len + args.gen_len
-    n = args.calibration_seqs
-    random_seqs = synthetic_prompts(n, seq_len, args.vocab, seed=args.seed + 1)
+    random_seqs = synthetic_prompts(args.calibration_seqs, seq_len, args.vocab, seed=args.seed + 1)
     calibrate_routers(model, random_seqs, [0] * len(random_seqs))
-    from mor_dist.inference.engine import ServingEngine
+    pooled = {r: [] for r in range(len(model.routers))}
+    for _ in range(args.calibration_rounds):
+        calibrate_live(args, model, kv, pooled)
 
-    for round_ in range(2):
-        engine = ServingEngine(model, 16, kv=kv, temperature=1.0, seed=args.seed + 2 + round_)
-        prompts = synthetic_prompts(n, args.prompt_len, args.vocab, seed=args.seed + 3 + round_)
-        ids = [engine.submit(p, args.gen_len) for p in prompts]
-        done = engine.run()
-        seqs = [done[i].prompt + done[i].tokens[:-1] for i in ids]
-        calibrate_routers(model, seqs, [len(done[i].prompt) for i in ids])
+
+@torch.no_grad()
+def calibrate_live(args, model, kv: str, pooled: dict) -> dict:
+    """One round: the benchmark's closed loop (its seed, --batch rows, sampling at temperature 1) runs
+    --calibration-ticks ticks after its warm-up while each router's score (logit less its bias) is
+    recorded for the tokens it decides on (router 1: every token entering the recursions; router
+    r > 1: every token that has just finished step r - 1) and added to `pooled`; then each bias is
+    set so that the target share of the pooled scores go on. A request's tokens share much of their
+    depth (its context shifts every score), so a quantile over few requests is noisy: one round's
+    ~70 requests moved a router's share by +-0.07 from round to round, hence the pooling over
+    rounds; the depths taken in the measured run are printed with the results. Rounds repeat
+    because a router's bias changes which tokens the later ones see. Returns the shares of this
+    round's recorded tokens that went on."""
+    nr = len(model.routers)
+    loop = ClosedLoop(model, args.batch, args.prompt_len, args.gen_len, seed=args.seed, kv=kv,
+                      page_size=args.page_size, temperature=1.0, pack_weights=args.pack_weights)
+    engine = loop.engine
+    out = {r: None for r in range(nr)}  # each router's latest output (all rows of the call)
+    seen = {r: [] for r in range(nr)}
+    recording = [False]
+    hooks = [router.net.register_forward_hook(lambda m, i, o, r=r: out.__setitem__(r, o.flatten()))
+             for r, router in enumerate(model.routers)]
+    entry, route = engine._entry, engine._route
+
+    biases = [router.net.bias for router in model.routers]
+
+    def entry_recorded(plan, sampled):
+        out[0] = None
+        go = entry(plan, sampled)
+        if recording[0] and out[0] is not None:
+            seen[0].append(out[0].float() - biases[0].float())
+        return go
+
+    def route_recorded(block_out):
+        go, depth = engine.go, engine.depth + engine.go.long()  # rows that ran the step, their depth after it
+        result = route(block_out)
+        if recording[0]:
+            for r in range(1, nr):  # router r decides step r + 1 for tokens that just finished step r
+                seen[r].append(out[r][go & (depth == r)].float() - biases[r].float())
+        return result
+
+    engine._entry, engine._route = entry_recorded, route_recorded
+    try:
+        loop.warm_up()
+        recording[0] = True
+        for _ in range(args.calibration_ticks):
+            loop.step(measure=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    shares = {}
+    for r, bias in enumerate(biases):
+        if not seen[r]:
+            continue
+        scores = torch.cat(seen[r])
+        shares[r] = float((scores + bias.float() > 0).float().mean())
+        pooled[r].append(scores)
+        every = torch.cat(pooled[r])
+        keep = (nr - r) / (nr - r + 1) if r else 1.0
+        # Every token goes on past router 1 (with a margin); the others keep their quantile.
+        bias.fill_(10.0 - float(every.min()) if keep >= 1.0 else -float(torch.quantile(every, 1.0 - keep)))
+    return shares
 
 
 def n_params(model) -> int:
@@ -168,6 +225,7 @@ def models_to_compare(args, dtype) -> dict:
         for kv, tag in (("recursion_wise", "rw"), ("share", "share")):
             mor = build(args, args.depth, nr, kv, dtype)
             calibrate_on_decoding(args, mor, kv)
+            print(f"  calibrated: mor{nr}_{tag}", file=sys.stderr, flush=True)
             models[f"mor{nr}_{tag}"] = (mor, kv)
         unique = models[f"mor{nr}_rw"][0].layout.unique_layers
         models[f"vanilla_params_mor{nr}"] = (build(args, unique, 1, "recursion_wise", dtype), "recursion_wise")
@@ -256,6 +314,19 @@ def main(argv=None) -> int:
     ref = fixed["vanilla"]["median"]
     out["fixed_batch_ratio"] = {n: r["median"] / ref for n, r in fixed.items() if n.startswith("mor") and ref}
 
+    # ---------------------------------------------------------------- against the compute ceiling
+    # Layer passes per token: vanilla `depth`, MoR unique + block x mean depth. The calibrated
+    # capacities give a mean depth of (Nr + 1) / 2; the depth taken in the run is what counts here.
+    out["compute_ceiling"] = {}
+    for name, (model, _) in models.items():
+        lay = model.layout
+        if not lay.recursions or not fixed[name]["median"]:
+            continue
+        depth = sum(i * f for i, f in enumerate(fixed[name]["depth_hist"]))
+        ceiling = args.depth / (lay.prefix + lay.suffix + lay.block * depth)
+        out["compute_ceiling"][name] = {"mean_depth": depth, "target_depth": (lay.recursions + 1) / 2,
+                                        "ceiling": ceiling, "of_ceiling": out["fixed_batch_ratio"][name] / ceiling}
+
     # ---------------------------------------------------------------- KV bytes per token
     van_bpt = fixed["vanilla"]["kv_bytes_per_token"]
     out["kv_bytes_per_token"] = {}
@@ -333,6 +404,13 @@ def report(out: dict, log) -> None:
                 f"[{fmt(r['min'])}-{fmt(r['max'])}] | {fmt(r['median'] / ref if r['median'] and ref else None, '.2f')}x | "
                 f"{fmt(r['prefill_tokens_per_s'])} | {ms(r['ttft_p50_s'], r['ttft_p99_s'])} | "
                 f"{ms(r['itl_p50_s'], r['itl_p99_s'])} | {depth:.2f} | {fmt(r['kv_bytes_per_token'])} | {r['preemptions']} |")
+    if out.get("compute_ceiling"):
+        log("\n### Fixed batch against the compute ceiling (layer passes per token at the depth taken)")
+        log("| model | mean depth (target) | ceiling | vs vanilla | of ceiling |")
+        log("|---|---|---|---|---|")
+        for name, c in out["compute_ceiling"].items():
+            log(f"| {name} | {c['mean_depth']:.2f} ({c['target_depth']:.2f}) | {c['ceiling']:.2f}x | "
+                f"{out['fixed_batch_ratio'][name]:.2f}x | {c['of_ceiling'] * 100:.0f}% |")
     log("\n### KV-cache bytes per token (fixed-batch run's depths)")
     log("| model | bytes/token | vs vanilla | recursion layers | paper (recursion layers) |")
     log("|---|---|---|---|---|")

@@ -13,7 +13,7 @@ isinstance and training untouched) and gives it a forward that uses the packed c
 may: no gradient wanted, a CPU input of the weight's dtype, and a weight unchanged since packing
 (its storage and version are checked on every call, so an optimizer step, load_state_dict or a
 .to() repacks rather than reading a stale copy; writes through `.data` bypass the version counter and
-are not seen). The packed copies cost one more copy of the weights' memory, for as long as the
+are not seen). The packed copies cost about one more copy of the weights' memory, for as long as the
 model keeps them (a serving engine packs the model it is given).
 The attention and MLP modules also get one packed product for the projections of one input (q, k,
 v; gate, up): fewer, larger matmuls (the k and v ones alone are small and ran at ~0.6 of the

@@ -22,3 +22,7 @@ def test_inference_benchmark_quick_mode_reports_every_ratio():
     # Sharing keeps recursion 1's K/V only: exactly 1/Nr of the recursion layers' entries.
     assert abs(out["kv_bytes_per_token"]["mor3_share"]["recursion_layers"] - 1 / 3) < 1e-9
     assert 0 <= out["overhead_share"]["mor2_rw"] <= 1
+    for name in names:  # the ratio next to the compute ceiling at the depth each model took
+        c = out["compute_ceiling"][name]
+        assert c["target_depth"] == (int(name[3]) + 1) / 2 and 1.0 <= c["mean_depth"] <= int(name[3])
+        assert c["ceiling"] > 1 and abs(c["of_ceiling"] * c["ceiling"] - out["fixed_batch_ratio"][name]) < 1e-9
