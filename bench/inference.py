@@ -152,7 +152,7 @@ def calibrate_on_decoding(args, model, kv: str) -> None:
 
 
 @torch.no_grad()
-def calibrate_live(args, model, kv: str, pooled: dict) -> dict:
+def calibrate_live(args, model, kv: str, pooled: dict) -> None:
     """One round: the benchmark's closed loop (its seed, --batch rows, sampling at temperature 1) runs
     --calibration-ticks ticks after its warm-up while each router's score (logit less its bias) is
     recorded for the tokens it decides on (router 1: every token entering the recursions; router
@@ -161,8 +161,7 @@ def calibrate_live(args, model, kv: str, pooled: dict) -> dict:
     depth (its context shifts every score), so a quantile over few requests is noisy: one round's
     ~70 requests moved a router's share by +-0.07 from round to round, hence the pooling over
     rounds; the depths taken in the measured run are printed with the results. Rounds repeat
-    because a router's bias changes which tokens the later ones see. Returns the shares of this
-    round's recorded tokens that went on."""
+    because a router's bias changes which tokens the later ones see."""
     nr = len(model.routers)
     loop = ClosedLoop(model, args.batch, args.prompt_len, args.gen_len, seed=args.seed, kv=kv,
                       page_size=args.page_size, temperature=1.0, pack_weights=args.pack_weights)
@@ -200,18 +199,18 @@ def calibrate_live(args, model, kv: str, pooled: dict) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    shares = {}
     for r, bias in enumerate(biases):
         if not seen[r]:
             continue
-        scores = torch.cat(seen[r])
-        shares[r] = float((scores + bias.float() > 0).float().mean())
-        pooled[r].append(scores)
+        pooled[r].append(torch.cat(seen[r]))
         every = torch.cat(pooled[r])
         keep = (nr - r) / (nr - r + 1) if r else 1.0
         # Every token goes on past router 1 (with a margin); the others keep their quantile.
         bias.fill_(10.0 - float(every.min()) if keep >= 1.0 else -float(torch.quantile(every, 1.0 - keep)))
-    return shares
+
+
+def mean_depth(hist: list[float]) -> float:
+    return sum(i * f for i, f in enumerate(hist))
 
 
 def n_params(model) -> int:
@@ -322,7 +321,7 @@ def main(argv=None) -> int:
         lay = model.layout
         if not lay.recursions or not fixed[name]["median"]:
             continue
-        depth = sum(i * f for i, f in enumerate(fixed[name]["depth_hist"]))
+        depth = mean_depth(fixed[name]["depth_hist"])
         ceiling = args.depth / (lay.prefix + lay.suffix + lay.block * depth)
         out["compute_ceiling"][name] = {"mean_depth": depth, "target_depth": (lay.recursions + 1) / 2,
                                         "ceiling": ceiling, "of_ceiling": out["fixed_batch_ratio"][name] / ceiling}
@@ -398,7 +397,7 @@ def report(out: dict, log) -> None:
         for name, r in res.items():
             if not isinstance(r, dict):
                 continue
-            depth = sum(i * f for i, f in enumerate(r["depth_hist"]))
+            depth = mean_depth(r["depth_hist"])
             ms = lambda a, b: f"{fmt(a and a * 1e3)}/{fmt(b and b * 1e3)}"  # noqa: E731
             log(f"| {name} | {out['params'][name] / 1e6:.1f}M | {r['rows']} | {fmt(r['median'])} "
                 f"[{fmt(r['min'])}-{fmt(r['max'])}] | {fmt(r['median'] / ref if r['median'] and ref else None, '.2f')}x | "

@@ -140,8 +140,9 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} thread)"
     from mor_dist.training.peak_flops import resolve_peak_tflops
 
-    dtype = "bf16" if runners[next(iter(runners))].bf16 else "fp32"
-    peak = resolve_peak_tflops(args.peak_tflops, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32) * 1e12
+    bf16 = runners[next(iter(runners))].bf16
+    dtype = "bf16" if bf16 else "fp32"
+    peak = resolve_peak_tflops(args.peak_tflops, dtype=torch.bfloat16 if bf16 else torch.float32) * 1e12
     out = {"device": where, "peak_tflops": peak / 1e12, "args": vars(args), "models": {}}
     shapes = (f"preset {args.preset}" if args.preset else f"d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} "
               f"vocab={args.vocab}, effective depth {args.depth}")

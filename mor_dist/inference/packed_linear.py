@@ -69,13 +69,14 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fused(module: nn.Module, x: torch.Tensor, linears: tuple[nn.Linear, ...]):
-    """The outputs of `linears` (bias-free) on x from one product with their stacked packed weights,
-    or None where that cannot serve x (the module's own per-projection path runs then)."""
+    """The outputs of `linears` (bias-free: checked when packing) on x from one product with their
+    stacked packed weights, or None where that cannot serve x (the module's own per-projection path
+    runs then)."""
     weights = tuple(lin.weight for lin in linears)
     fused = module.__dict__["_mor_fused"]
     if any(a is not b for a, b in zip(fused.weights, weights)):  # a parameter object was replaced
         fused = module.__dict__["_mor_fused"] = PackedWeight(*weights)
-    if not fused.fits(x) or any(lin.bias is not None for lin in linears):
+    if not fused.fits(x):
         return None
     return fused.linear(x).split([w.shape[0] for w in weights], dim=-1)
 
@@ -110,8 +111,8 @@ def pack_linears(model: nn.Module) -> int:
             n += 1
         for method, names, fused in _FUSIONS:
             children = [getattr(module, name, None) for name in names]
-            if hasattr(type(module), method) and all(isinstance(c, nn.Linear) for c in children) \
-                    and "_mor_fused" not in module.__dict__:
+            if hasattr(type(module), method) and "_mor_fused" not in module.__dict__ \
+                    and all(isinstance(c, nn.Linear) and c.bias is None for c in children):
                 module.__dict__["_mor_fused"] = PackedWeight(*(c.weight for c in children))
                 setattr(module, method, types.MethodType(fused, module))
     return n

@@ -113,16 +113,16 @@ class Attention(nn.Module):
         return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x: torch.Tensor, frame: TokenFrame, key) -> torch.Tensor:
-        writes = frame.cache[key].writes if frame.cache is not None else frame.kv_mode != "reuse"
+        view = frame.cache[key] if frame.cache is not None else None
+        writes = view.writes if view is not None else frame.kv_mode != "reuse"
         if writes:
             q, k, v = self.project_qkv(x)
             k, v = self.rope(self._heads(k), frame.pos), self._heads(v)
         else:
             q = self.wq(x)
         q = self.rope(self._heads(q), frame.pos)
-        if frame.cache is not None:
+        if view is not None:
             # Incremental decoding: keys come from the cache, which holds earlier calls' tokens too.
-            view = frame.cache[key]
             if writes:
                 view.append(k, v, frame.pos, frame.valid)
             out = view.attend(q, frame.pos)

@@ -61,8 +61,8 @@ def resolve_peak_tflops(configured: float | None, rank: int = 0, dtype: torch.dt
                               "logging.peak_tflops to its dense bf16 TFLOPS")
         source = f"{name}'s dense bf16 peak"
     else:
-        name = "bf16" if dtype == torch.bfloat16 else "fp32"
-        peak, source = measured_cpu_tflops(dtype=dtype), f"this CPU process's measured {name} matmul rate"
+        kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+        peak, source = measured_cpu_tflops(dtype=dtype), f"this CPU process's measured {kind} matmul rate"
     if rank == 0:
         log.info("MFU is relative to %.3g TFLOPS per device (%s; set logging.peak_tflops to change)", peak, source)
     return peak
