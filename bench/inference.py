@@ -166,20 +166,23 @@ def calibrate_live(args, model, kv: str, pooled: dict) -> None:
     loop = ClosedLoop(model, args.batch, args.prompt_len, args.gen_len, seed=args.seed, kv=kv,
                       page_size=args.page_size, temperature=1.0, pack_weights=args.pack_weights)
     engine = loop.engine
-    out = {r: None for r in range(nr)}  # each router's latest output (all rows of the call)
+    last = [None]  # the routers' latest logits (rows of the call, Nr)
     seen = {r: [] for r in range(nr)}
     recording = [False]
-    hooks = [router.net.register_forward_hook(lambda m, i, o, r=r: out.__setitem__(r, o.flatten()))
-             for r, router in enumerate(model.routers)]
-    entry, route = engine._entry, engine._route
+    nets = engine.router_nets
+
+    def nets_recorded(h):
+        main, causal = nets(h)
+        last[0] = main
+        return main, causal
 
     biases = [router.net.bias for router in model.routers]
 
     def entry_recorded(plan, sampled):
-        out[0] = None
+        last[0] = None
         go = entry(plan, sampled)
-        if recording[0] and out[0] is not None:
-            seen[0].append(out[0].float() - biases[0].float())
+        if recording[0] and last[0] is not None:
+            seen[0].append(last[0][:, 0].float() - biases[0].float())
         return go
 
     def route_recorded(block_out):
@@ -187,18 +190,16 @@ def calibrate_live(args, model, kv: str, pooled: dict) -> None:
         result = route(block_out)
         if recording[0]:
             for r in range(1, nr):  # router r decides step r + 1 for tokens that just finished step r
-                seen[r].append(out[r][go & (depth == r)].float() - biases[r].float())
+                seen[r].append(last[0][:, r][go & (depth == r)].float() - biases[r].float())
         return result
 
+    entry, route = engine._entry, engine._route
+    engine.router_nets = nets_recorded
     engine._entry, engine._route = entry_recorded, route_recorded
-    try:
-        loop.warm_up()
-        recording[0] = True
-        for _ in range(args.calibration_ticks):
-            loop.step(measure=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    loop.warm_up()
+    recording[0] = True
+    for _ in range(args.calibration_ticks):
+        loop.step(measure=False)
     for r, bias in enumerate(biases):
         if not seen[r]:
             continue

@@ -111,6 +111,7 @@ class ServingEngine:
         self.uniform = len(set(model.layout.schedule)) <= 1
         # Read off the config now: the block step (maybe compiled) touches no OmegaConf node.
         self.weighted = bool(model.routers) and model.routing.gating == "weighted"  # expert_gate's rule
+        self.router_nets = _RouterNets(model.routers, self.packed) if model.routers else None
         # Host side.
         self.row_req: list[Request | None] = [None] * n
         self.free_rows = deque(range(n))
@@ -156,6 +157,8 @@ class ServingEngine:
         traces nn.Linear's own forward: packed weights are dropped)."""
         unpack_linears(self.model)
         self.packed, self.tied_head = False, None
+        if self.router_nets is not None:
+            self.router_nets.use_packed = False
         self.block_fn = torch.compile(self._block_step, **kwargs)
 
     # ------------------------------------------------------------------ one tick
@@ -344,9 +347,9 @@ class ServingEngine:
             self.h1[idx], self.gate[idx], self.assigned[idx] = h, gate.to(h.dtype), assigned
             go = assigned > 0
         elif model.routers:
-            logits = model.routers[0](h)
-            self.logit[idx] = logits
-            go = model.routers[0].causal_logits(h, logits) > 0
+            main, causal = self.router_nets(h)
+            self.logit[idx] = main[:, 0]
+            go = causal[:, 0] > 0
         else:
             go = torch.ones(len(rows), dtype=torch.bool, device=dev)
         self.h[idx], self.pos[idx], self.depth[idx], self.go[idx] = h, pos, 0, go
@@ -374,17 +377,18 @@ class ServingEngine:
     def _block_step(self, width: int):
         """One recursion step for every row with go set (masked, static shapes), then the next
         routing decision. Returns (depth, go) of every row after the step."""
-        return self._route(self._block_rows(self.all_rows, 0, width))
+        return self._route(self._block_rows(None, 0, width))
 
-    def _block_rows(self, idx: torch.Tensor, step: int, width: int) -> torch.Tensor:
-        """f(h) of rows idx at recursion `step` (whose layers every one of them applies)."""
+    def _block_rows(self, idx: torch.Tensor | None, step: int, width: int) -> torch.Tensor:
+        """f(h) of rows idx (None: all rows, no gathers) at recursion `step` (whose layers every one
+        of them applies)."""
         model, c, nr = self.model, self.cache, self.nr
-        go, depth = self.go[idx], self.depth[idx]
-        srows = c.shared_rows(idx, depth.clamp(max=nr - 1))
+        pick_rows = (lambda t: t) if idx is None else (lambda t: t[idx])
+        go, depth, pos, h = pick_rows(self.go), pick_rows(self.depth), pick_rows(self.pos)[:, None], pick_rows(self.h)
+        srows = c.shared_rows(self.all_rows if idx is None else idx, depth.clamp(max=nr - 1))
         write = go if c.kv == "recursion_wise" else go & (depth == 0)
-        pos = self.pos[idx][:, None]
         views = c.shared.views(srows, pos, write[:, None], width)
-        return model._run_block(step, self.h[idx][:, None], TokenFrame(pos, go[:, None], cache=views))[:, 0]
+        return model._run_block(step, h[:, None], TokenFrame(pos, go[:, None], cache=views))[:, 0]
 
     def _route(self, out: torch.Tensor):
         """Apply the step's outputs (rows with go set) and decide each row's next step."""
@@ -399,8 +403,7 @@ class ServingEngine:
                 new = self.h + (model.alpha * torch.sigmoid(self.logit)).unsqueeze(-1).to(out.dtype) * out
             h = torch.where(go[:, None], new, self.h)
             nxt = depth.clamp(max=nr - 1)
-            main = torch.stack([router(h) for router in model.routers], dim=-1)  # (rows, Nr): tiny
-            causal = torch.stack([router.causal_logits(h, main[:, r]) for r, router in enumerate(model.routers)], -1)
+            main, causal = self.router_nets(h)  # (rows, Nr) each: tiny
             self.logit = torch.where(go, main.gather(1, nxt[:, None])[:, 0], self.logit)
             go_next = go & (depth < nr) & (causal.gather(1, nxt[:, None])[:, 0] > 0)
         else:
@@ -477,6 +480,35 @@ class ServingEngine:
         self.admitted_order.remove(req)
         self.finished[req.id] = req
         req.row = -1
+
+
+class _RouterNets:
+    """Every expert router's logit, and its causal decision logit, for the same rows: (n, Nr) each.
+    Linear routers (the default) run as one product of their stacked weights: on the CPU a matmul
+    with one output column is all fixed cost, so Nr (or 2 Nr, with aux routers) of them cost Nr times
+    one. The nets are looked up on every call: calibration and loading may change or replace them."""
+
+    def __init__(self, routers, use_packed: bool):
+        self.routers, self.use_packed, self.packed = list(routers), use_packed, None
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nr = len(self.routers)
+        nets = [r.net for r in self.routers] + [r.aux_net for r in self.routers if r.aux_net is not None]
+        if len(nets) not in (nr, 2 * nr) or not all(isinstance(n, torch.nn.Linear) for n in nets):
+            main = torch.stack([router(h) for router in self.routers], dim=-1)
+            return main, torch.stack([r.causal_logits(h, main[:, i]) for i, r in enumerate(self.routers)], dim=-1)
+        weights = [n.weight for n in nets]
+        bias = None
+        if any(n.bias is not None for n in nets):
+            bias = torch.cat([n.bias if n.bias is not None else n.weight.new_zeros(1) for n in nets])
+        if self.use_packed and (self.packed is None or any(a is not w for a, w in zip(self.packed.weights, weights))):
+            self.packed = PackedWeight(*weights)
+        if self.use_packed and self.packed.fits(h):
+            out = self.packed.linear(h, bias)
+        else:
+            out = torch.nn.functional.linear(h, torch.cat(weights), bias)
+        main = out[:, :nr]
+        return main, out[:, nr:] if len(nets) > nr else main
 
 
 class _TickTimer:

@@ -14,6 +14,7 @@ MODELS = {
     "mor_expert": ("mor", []),
     "mor_expert_share": ("mor_kvshare", []),
     "mor_expert_aux": ("mor", ["routing.causal_method=aux_router"]),
+    "mor_expert_mlp": ("mor", ["routing.router=mlp"]),
     "mor_token": ("mor_token", []),
     "mor_token_share": ("mor_token", ["kv.strategy=share", "routing.token_func=sigmoid"]),
 }

@@ -34,6 +34,38 @@ def test_decoding_alone_equals_full_causal_forward(key, prefill, page):
         assert len(set(depths)) >= 3, "routing too uniform to test anything"
 
 
+@pytest.mark.parametrize("key", ["mor_expert", "mor_expert_aux", "mor_expert_mlp"])
+@pytest.mark.parametrize("pack", [True, False])
+def test_router_nets_give_every_routers_logits_and_follow_changes(key, pack):
+    """The engine evaluates all routers at once (linear ones as one stacked product): the same
+    logits as each router's own call, biased or not, after in-place changes and replaced nets."""
+    model = tiny_model(key)
+    engine = ServingEngine(model, 2, pack_weights=pack)
+    h = torch.randn(5, model.cfg.d_model)
+
+    def check():
+        main, causal = engine.router_nets(h)
+        with torch.no_grad():
+            want = torch.stack([r(h) for r in model.routers], dim=-1)
+            want_causal = torch.stack([r.causal_logits(h, want[:, i]) for i, r in enumerate(model.routers)], -1)
+        torch.testing.assert_close(main, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(causal, want_causal, rtol=1e-5, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        for p in model.routers.parameters():
+            p.mul_(-2.0)
+    check()
+    if key != "mor_expert_mlp":  # a biased net replacing a bias-free one (as bench/inference.py calibrates)
+        with torch.no_grad():
+            for i, router in enumerate(model.routers):
+                biased = torch.nn.Linear(router.net.in_features, 1, bias=True)
+                biased.weight.copy_(router.net.weight)
+                biased.bias.fill_(0.5 * i - 0.3)
+                router.net = biased
+        check()
+
+
 @pytest.mark.parametrize("rows, prefill, page, pack", [(3, 256, 16, True), (4, 5, 4, True), (8, 7, 2, False)])
 @pytest.mark.parametrize("key", ["mor_expert", "mor_expert_share", "mor_token", "mor_token_share", "recursive", "vanilla"])
 def test_continuous_batching_equals_full_forward_per_request(key, rows, prefill, page, pack):
