@@ -131,7 +131,7 @@ def test_tied_weight_holder():
 
 
 def test_bench_script_runs(capsys):
-    """bench/packed_linear.py at toy sizes: both paths measured at every row count."""
+    """bench/packed_linear.py at toy sizes: every path measured at every row count."""
     import importlib.util
     import json
 
@@ -139,7 +139,8 @@ def test_bench_script_runs(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--json", "--d-model", "64", "--d-ff", "96", "--rows", "1", "8", "--rounds", "1",
-                       "--seconds", "0.01"]) == 0
+                       "--seconds", "0.01", "--streamed-mib", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["rows"]) == {"1", "8"}
-    assert all(r["linear"] > 0 and r["prepacked"] > 0 for r in out["rows"].values())
+    assert all(r["linear"] > 0 and r["prepacked"] > 0 and r["prepacked_streamed"] > 0 for r in out["rows"].values())
+    assert out["streamed_weights"] * 96 * 64 * 4 >= 2**20  # enough distinct weights for the MiB asked
