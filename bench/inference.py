@@ -13,10 +13,13 @@ the same closed loop, sampling at temperature 1, before the measured run); the d
 are measured and printed.
 
 Workload: a closed loop (a request arrives as one finishes) of prompts of prompt_len/2..prompt_len
-tokens and gen_len/2..gen_len new tokens, at least --requests-per-row x rows requests per model.
-The warm-up (until as many requests as rows have finished) and the drain are not measured. Models
-take turns: rounds of --round-ticks engine ticks, model after model, repeated; each round gives a
-decode throughput (tokens / decode time of the round), reported as median [min-max] over rounds.
+tokens and gen_len/2..gen_len new tokens. The warm-up (until as many requests as rows have
+finished) is not measured. Models run in lockstep: a cycle is one round of --round-ticks engine
+ticks of every model in turn, and cycles repeat until every model has finished at least
+--requests-per-row x rows requests, so all models get the same number of rounds over the same
+stretch of time (the machine's speed drifts; a model measured alone later would see other noise).
+Each round gives a decode throughput (tokens / decode time of the round), reported as median
+[min-max] over rounds; the ratios are ratios of these medians.
 Time is CPU process time on CPU (robust to other load on a shared machine; --threads 1 by default),
 wall time on a GPU. Prefill is timed apart (chunked prefill rides in the same ticks).
 
@@ -233,29 +236,31 @@ def models_to_compare(args, dtype) -> dict:
 
 
 def run_setting(args, models: dict, rows: dict, kv_pages: dict) -> dict:
-    """Interleaved rounds over every model's closed loop; per model, the rounds' decode tokens/s
-    and the steady-state summary."""
-    loops = {}
+    """Rounds over every model's closed loop in lockstep: each cycle runs one round of every model,
+    and cycles go on until every model has finished --requests-per-row x its rows requests since
+    its warm-up (requests keep arriving meanwhile), so every model is measured over the same number
+    of rounds, spread over the same stretch of time. Per model, the rounds' decode tokens/s and the
+    steady-state summary."""
+    loops, start = {}, {}
     for name, (model, kv) in models.items():
-        loop = ClosedLoop(model, rows[name], args.prompt_len, args.gen_len, seed=args.seed,
-                          total=args.requests_per_row * rows[name], kv=kv, page_size=args.page_size,
-                          kv_pages=kv_pages.get(name), temperature=1.0, width_bucket=4 if args.compile else 1,
-                          pack_weights=args.pack_weights)
+        loop = ClosedLoop(model, rows[name], args.prompt_len, args.gen_len, seed=args.seed, kv=kv,
+                          page_size=args.page_size, kv_pages=kv_pages.get(name), temperature=1.0,
+                          width_bucket=4 if args.compile else 1, pack_weights=args.pack_weights)
         if args.compile:
             mode = "reduce-overhead" if args.device == "cuda" else None
             loop.engine.compile_block(mode=mode) if mode else loop.engine.compile_block()
         loop.warm_up()
-        loops[name] = loop
+        loops[name], start[name] = loop, len(loop.engine.finished)
         print(f"  warm: {name} ({rows[name]} rows)", file=sys.stderr, flush=True)
     rounds = {name: [] for name in loops}
-    done = 0
-    while any(loop.steady() for loop in loops.values()):
+
+    def served_enough() -> bool:
+        return all(len(loop.engine.finished) - start[name] >= args.requests_per_row * rows[name]
+                   for name, loop in loops.items())
+
+    while len(rounds[next(iter(loops))]) < args.min_rounds or not served_enough():
         for name, loop in loops.items():
-            if loop.steady():
-                rounds[name].append(loop.run_round(args.round_ticks)["decode_tokens_per_s"])
-        done += 1
-        if done >= args.min_rounds and all(not loop.steady() for loop in loops.values()):
-            break
+            rounds[name].append(loop.run_round(args.round_ticks)["decode_tokens_per_s"])
     return {name: {"rounds": rounds[name], **median_spread(rounds[name]), **loops[name].summary()}
             for name in loops}
 

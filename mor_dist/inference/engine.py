@@ -383,8 +383,9 @@ class ServingEngine:
         """f(h) of rows idx (None: all rows, no gathers) at recursion `step` (whose layers every one
         of them applies)."""
         model, c, nr = self.model, self.cache, self.nr
-        pick_rows = (lambda t: t) if idx is None else (lambda t: t[idx])
-        go, depth, pos, h = pick_rows(self.go), pick_rows(self.depth), pick_rows(self.pos)[:, None], pick_rows(self.h)
+        state = (self.go, self.depth, self.pos, self.h)
+        go, depth, pos, h = state if idx is None else (t[idx] for t in state)
+        pos = pos[:, None]
         srows = c.shared_rows(self.all_rows if idx is None else idx, depth.clamp(max=nr - 1))
         write = go if c.kv == "recursion_wise" else go & (depth == 0)
         views = c.shared.views(srows, pos, write[:, None], width)

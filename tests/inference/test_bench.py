@@ -16,9 +16,11 @@ def test_inference_benchmark_quick_mode_reports_every_ratio():
     for key in ("fixed_batch_ratio", "kv_budget_ratio"):
         assert set(out[key]) == names and all(v > 0 for v in out[key].values()), out[key]
     for setting in ("fixed_batch", "kv_budget"):
-        for name, res in out[setting].items():
-            if isinstance(res, dict):
-                assert res["n"] >= 2 and res["decode_tokens_per_s"] > 0 and res["measured_ticks"] > 0, (setting, name)
+        runs = {name: res for name, res in out[setting].items() if isinstance(res, dict)}
+        for name, res in runs.items():
+            assert res["n"] >= 2 and res["decode_tokens_per_s"] > 0 and res["measured_ticks"] > 0, (setting, name)
+        # Lockstep: every model measured over the same number of rounds (the same stretch of time).
+        assert len({res["n"] for res in runs.values()}) == 1, {name: res["n"] for name, res in runs.items()}
     # Sharing keeps recursion 1's K/V only: exactly 1/Nr of the recursion layers' entries.
     assert abs(out["kv_bytes_per_token"]["mor3_share"]["recursion_layers"] - 1 / 3) < 1e-9
     assert 0 <= out["overhead_share"]["mor2_rw"] <= 1
