@@ -384,6 +384,7 @@ class ServingEngine:
         of them applies)."""
         model, c, nr = self.model, self.cache, self.nr
         state = (self.go, self.depth, self.pos, self.h)
+        # idx None: the engine's own tensors, not copies (the layers and _route work out of place).
         go, depth, pos, h = state if idx is None else (t[idx] for t in state)
         pos = pos[:, None]
         srows = c.shared_rows(self.all_rows if idx is None else idx, depth.clamp(max=nr - 1))
@@ -495,14 +496,15 @@ class _RouterNets:
     def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nr = len(self.routers)
         nets = [r.net for r in self.routers] + [r.aux_net for r in self.routers if r.aux_net is not None]
-        if len(nets) not in (nr, 2 * nr) or not all(isinstance(n, torch.nn.Linear) for n in nets):
+        if len(nets) not in (nr, 2 * nr) or not all(isinstance(n, torch.nn.Linear) and n.out_features == 1 for n in nets):
             main = torch.stack([router(h) for router in self.routers], dim=-1)
             return main, torch.stack([r.causal_logits(h, main[:, i]) for i, r in enumerate(self.routers)], dim=-1)
         weights = [n.weight for n in nets]
         bias = None
         if any(n.bias is not None for n in nets):
             bias = torch.cat([n.bias if n.bias is not None else n.weight.new_zeros(1) for n in nets])
-        if self.use_packed and (self.packed is None or any(a is not w for a, w in zip(self.packed.weights, weights))):
+        if self.use_packed and (self.packed is None or len(self.packed.weights) != len(weights)
+                                or any(a is not w for a, w in zip(self.packed.weights, weights))):
             self.packed = PackedWeight(*weights)
         if self.use_packed and self.packed.fits(h):
             out = self.packed.linear(h, bias)

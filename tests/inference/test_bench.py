@@ -20,7 +20,7 @@ def test_inference_benchmark_quick_mode_reports_every_ratio():
         for name, res in runs.items():
             assert res["n"] >= 2 and res["decode_tokens_per_s"] > 0 and res["measured_ticks"] > 0, (setting, name)
         # Lockstep: every model measured over the same number of rounds (the same stretch of time).
-        assert len({res["n"] for res in runs.values()}) == 1, {name: res["n"] for name, res in runs.items()}
+        assert len({len(res["rounds"]) for res in runs.values()}) == 1, {n: len(r["rounds"]) for n, r in runs.items()}
     # Sharing keeps recursion 1's K/V only: exactly 1/Nr of the recursion layers' entries.
     assert abs(out["kv_bytes_per_token"]["mor3_share"]["recursion_layers"] - 1 / 3) < 1e-9
     assert 0 <= out["overhead_share"]["mor2_rw"] <= 1

@@ -44,14 +44,16 @@ def test_router_nets_give_every_routers_logits_and_follow_changes(key, pack):
     h = torch.randn(5, model.cfg.d_model)
 
     def check():
-        main, causal = engine.router_nets(h)
-        with torch.no_grad():
+        with torch.no_grad():  # as the engine calls them (the packed product serves no autograd)
+            main, causal = engine.router_nets(h)
             want = torch.stack([r(h) for r in model.routers], dim=-1)
             want_causal = torch.stack([r.causal_logits(h, want[:, i]) for i, r in enumerate(model.routers)], -1)
         torch.testing.assert_close(main, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(causal, want_causal, rtol=1e-5, atol=1e-5)
 
     check()
+    if key != "mor_expert_mlp":  # linear routers: the packed product served the call where packing is on
+        assert (engine.router_nets.packed is not None) == (pack and available())
     with torch.no_grad():
         for p in model.routers.parameters():
             p.mul_(-2.0)
