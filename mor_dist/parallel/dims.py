@@ -85,6 +85,16 @@ def init_distributed(parallel_cfg, backend: str | None = None) -> ParallelDims:
     return dims
 
 
+def shutdown_distributed(dims: ParallelDims) -> None:
+    """After a finished multi-process run: every rank meets, then the process groups are torn down
+    in order. Left to the interpreter's exit, a rank's gloo groups could be destroyed while a peer
+    was already gone, and that rank aborted (SIGABRT, exit code -6) after a run that had finished.
+    A single process keeps its group (tests run several trainings in one process)."""
+    if dims.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def comm_device() -> torch.device:
     """Where small tensors for collectives must live: NCCL only moves CUDA tensors, gloo CPU ones."""
     if dist.is_initialized() and dist.get_backend() == "nccl":

@@ -55,7 +55,7 @@ def train(cfg, force: bool = False) -> int:
     from mor_dist.checkpoint import CheckpointManager
     from mor_dist.data_pipeline.loader import build_loader, split_manifests
     from mor_dist.model import build_model
-    from mor_dist.parallel.dims import init_distributed
+    from mor_dist.parallel.dims import init_distributed, shutdown_distributed
     from mor_dist.parallel.train_module import build_train_module
     from mor_dist.run_folder import RunLock, check_config
     from mor_dist.training.export import load_initial_weights
@@ -120,6 +120,7 @@ def train(cfg, force: bool = False) -> int:
         code = trainer.fit()
         if dims.rank == 0:
             log.info("TensorBoard: tensorboard --logdir %s", run_dir / "tensorboard")
+        shutdown_distributed(dims)
         return code
     finally:
         lock.release()
