@@ -258,9 +258,11 @@ def run_setting(args, models: dict, rows: dict, kv_pages: dict) -> dict:
         return all(len(loop.engine.finished) - start[name] >= args.requests_per_row * rows[name]
                    for name, loop in loops.items())
 
-    while len(rounds[next(iter(loops))]) < args.min_rounds or not served_enough():
+    cycles = 0
+    while cycles < args.min_rounds or not served_enough():
         for name, loop in loops.items():
             rounds[name].append(loop.run_round(args.round_ticks)["decode_tokens_per_s"])
+        cycles += 1
     return {name: {"rounds": rounds[name], **median_spread(rounds[name]), **loops[name].summary()}
             for name in loops}
 
