@@ -20,3 +20,22 @@ def test_gpu_check_smoke_writes_its_report(tmp_path):
     assert set(got["inference"]["fixed_batch_ratio"]) == {"mor2_rw", "mor2_share", "mor3_rw", "mor3_share"}
     if not got["gpus"]:
         assert "skipped" in got["parallel_tests"][0] and "no GPU" in got["attention"]
+    assert all(s["passed"] for s in got["steps"].values()), got["steps"]
+
+
+def test_gpu_check_goes_on_past_a_failed_step_and_says_which(tmp_path):
+    """A step that fails (here the training benchmark, through a Python that refuses to run it) is
+    recorded with its exit code and output; the steps after it still run; the exit code is 1."""
+    py = tmp_path / "py"
+    py.write_text(f'#!/bin/sh\nif [ "$1" = bench/train_throughput.py ]; then echo "CUDA error: no kernel image" >&2; exit 3; fi\n'
+                  f'exec {sys.executable} "$@"\n')
+    py.chmod(0o755)
+    out = tmp_path / "check.json"
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--out", str(out)], cwd=REPO,
+                       env={"PYTHON": str(py), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1 and "failed: training" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["steps"]["training"]["rc"] == 3 and not got["steps"]["training"]["passed"]
+    assert "CUDA error: no kernel image" in got["steps"]["training"]["output_tail"][-1]
+    assert got["training"] == {"failed": True, "see": "steps.training"}
+    assert got["steps"]["inference"]["passed"] and got["inference"]["fixed_batch_ratio"]["mor3_share"] > 0
