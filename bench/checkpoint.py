@@ -59,8 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny model, 2 rounds (for CI)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.quick:
-        args.models, args.rounds, args.steps = ["tiny"], 2, 1
+    if args.quick:  # for what the command line leaves unset
+        p.set_defaults(models=["tiny"], rounds=2, steps=1)
+        args = p.parse_args(argv)
     return args
 
 

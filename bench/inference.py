@@ -85,12 +85,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.quick:
-        args.d_model, args.heads, args.d_ff, args.depth = 128, [4, 2], 352, 8
-        args.recursions, args.batch, args.kv_batch = [2, 3], 6, 2
-        args.prompt_len, args.gen_len, args.requests_per_row = 16, 12, 3
-        args.round_ticks, args.min_rounds, args.profile_ticks, args.page_size = 6, 2, 2, 8
-        args.calibration_seqs, args.calibration_rounds, args.calibration_ticks = 8, 2, 12
+    if args.quick:  # small sizes for what the command line leaves unset
+        p.set_defaults(d_model=128, heads=[4, 2], d_ff=352, depth=8, recursions=[2, 3], batch=6, kv_batch=2,
+                       prompt_len=16, gen_len=12, requests_per_row=3, round_ticks=6, min_rounds=2,
+                       profile_ticks=2, page_size=8, calibration_seqs=8, calibration_rounds=2, calibration_ticks=12)
+        args = p.parse_args(argv)
     return args
 
 

@@ -59,10 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.quick:
-        args.d_model, args.heads, args.d_ff, args.depth = 64, [4, 2], 160, 8
-        args.recursions, args.batch, args.seq_len = [3], 2, 32
-        args.steps, args.rounds, args.warmup = 1, 2, 1
+    if args.quick:  # small sizes for what the command line leaves unset
+        p.set_defaults(d_model=64, heads=[4, 2], d_ff=160, depth=8, recursions=[3], batch=2, seq_len=32,
+                       steps=1, rounds=2, warmup=1)
+        args = p.parse_args(argv)
     return args
 
 

@@ -159,6 +159,12 @@ class ServingEngine:
         self.packed, self.tied_head = False, None
         if self.router_nets is not None:
             self.router_nets.use_packed = False
+        # The step writes the shared group's pools, positions and lengths in place and reads its page
+        # tables, all at fixed addresses. Unmarked, CUDA graphs (mode="reduce-overhead") would copy
+        # each such input into the graph's own buffers on every replay (the whole KV pool per tick)
+        # and refuse the in-place writes (cudagraphs skipped); marked static, they are used in place.
+        for t in self.cache.shared.device_tensors():
+            torch._dynamo.mark_static_address(t)
         self.block_fn = torch.compile(self._block_step, **kwargs)
 
     # ------------------------------------------------------------------ one tick

@@ -90,6 +90,10 @@ class PageGroup:
         """Pages to read for these rows (at least one)."""
         return max([1] + [len(self.owned[r]) for r in rows])
 
+    def device_tensors(self) -> list[torch.Tensor]:
+        """Everything of the group on the device: allocated once, never moved."""
+        return [*self.k, *self.v, self.pos, self.table, self.length]
+
     def pages_in_use(self) -> int:
         return sum(len(o) for o in self.owned)
 

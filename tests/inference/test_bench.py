@@ -28,3 +28,16 @@ def test_inference_benchmark_quick_mode_reports_every_ratio():
         c = out["compute_ceiling"][name]
         assert c["target_depth"] == (int(name[3]) + 1) / 2 and 1.0 <= c["mean_depth"] <= int(name[3])
         assert c["ceiling"] > 1 and abs(c["of_ceiling"] * c["ceiling"] - out["fixed_batch_ratio"][name]) < 1e-9
+
+
+def test_quick_mode_sizes_only_what_the_command_line_leaves_unset():
+    """`--quick --recursions 4` benchmarks Nr = 4 (gpu_check's smoke run passes options next to it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inference_bench", REPO / "bench/inference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    quick = bench.parse_args(["--quick"])
+    assert quick.recursions == [2, 3] and quick.d_model == 128 and quick.profile_ticks == 2
+    mine = bench.parse_args(["--quick", "--recursions", "3", "--profile-ticks", "0", "--batch", "4"])
+    assert mine.recursions == [3] and mine.profile_ticks == 0 and mine.batch == 4 and mine.d_model == 128

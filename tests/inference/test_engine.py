@@ -4,6 +4,7 @@ mid-prompt, fewer rows than requests, preemption when the page pool runs out."""
 
 import pytest
 import torch
+from torch._dynamo.utils import get_static_address_type
 
 from mor_dist.inference.decode import generate
 from mor_dist.inference.engine import ServingEngine, pick
@@ -250,6 +251,10 @@ def test_shared_block_step_compiles_whole_and_gives_the_same_tokens():
         return [done[i] for i in ids]
 
     eager, compiled = serve(False), serve(True)
+    # What the step writes in place is marked static (CUDA graphs then use it where it lies).
+    engine = ServingEngine(model, 3)
+    engine.compile_block()
+    assert all(get_static_address_type(t) for t in engine.cache.shared.device_tensors())
     for a, b in zip(eager, compiled):
         assert a.tokens == b.tokens and a.depths == b.depths
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), rtol=0, atol=1e-5)
