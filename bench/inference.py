@@ -88,7 +88,7 @@ def parse_args(argv=None):
     if args.quick:  # small sizes for what the command line leaves unset
         p.set_defaults(d_model=128, heads=[4, 2], d_ff=352, depth=8, recursions=[2, 3], batch=6, kv_batch=2,
                        prompt_len=16, gen_len=12, requests_per_row=3, round_ticks=6, min_rounds=2,
-                       profile_ticks=2, page_size=8, calibration_seqs=8, calibration_rounds=2, calibration_ticks=12)
+                       profile_ticks=2, page_size=16, calibration_seqs=8, calibration_rounds=2, calibration_ticks=12)
         args = p.parse_args(argv)
     return args
 
@@ -188,7 +188,8 @@ def calibrate_live(args, model, kv: str, pooled: dict) -> None:
         return go
 
     def route_recorded(block_out):
-        go, depth = engine.go, engine.depth + engine.go.long()  # rows that ran the step, their depth after it
+        go = engine.go.clone()  # rows that ran the step (the step writes engine.go in place)
+        depth = engine.depth + go.long()  # their depth after it
         result = route(block_out)
         if recording[0]:
             for r in range(1, nr):  # router r decides step r + 1 for tokens that just finished step r

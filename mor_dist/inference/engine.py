@@ -97,7 +97,8 @@ class ServingEngine:
         self.prefill_tokens, self.width_bucket = prefill_tokens, width_bucket
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         d, dtype, dev, n = model.cfg.d_model, model.embed.weight.dtype, self.device, max_requests
-        # Device state of each row's in-flight token.
+        # Device state of each row's in-flight token: allocated once and only ever written in place
+        # (a compiled step under CUDA graphs reads and writes it where it lies; compile_block).
         self.h = torch.zeros(n, d, dtype=dtype, device=dev)  # residual stream (token-choice: f^r(h1))
         self.h1 = torch.zeros(n, d, dtype=dtype, device=dev)  # token-choice: first unique layer's output
         self.gate = torch.zeros(n, 1, dtype=dtype, device=dev)  # token-choice: probability of its depth
@@ -159,11 +160,14 @@ class ServingEngine:
         self.packed, self.tied_head = False, None
         if self.router_nets is not None:
             self.router_nets.use_packed = False
-        # The step writes the shared group's pools, positions and lengths in place and reads its page
-        # tables, all at fixed addresses. Unmarked, CUDA graphs (mode="reduce-overhead") would copy
-        # each such input into the graph's own buffers on every replay (the whole KV pool per tick)
-        # and refuse the in-place writes (cudagraphs skipped); marked static, they are used in place.
-        for t in self.cache.shared.device_tensors():
+        # The step writes the rows' state and the shared group's pools, positions and lengths in
+        # place and reads its page tables, all at fixed addresses. Unmarked, CUDA graphs
+        # (mode="reduce-overhead") would copy each such input into the graph's own buffers on every
+        # replay (the whole KV pool per tick) and refuse the in-place writes (graphs skipped).
+        # Nothing the step returns is kept: a graph's outputs live in its memory pool and are
+        # overwritten by the next replay (reading one after that raises), so the state is not
+        # handed over as outputs but written into these tensors.
+        for t in (*self._row_state(), *self.cache.shared.device_tensors()):
             torch._dynamo.mark_static_address(t)
         self.block_fn = torch.compile(self._block_step, **kwargs)
 
@@ -367,7 +371,8 @@ class ServingEngine:
         srows += [c.shared_rows(r, 0) for r in plan["enter"]]
         width = self._width(c.shared, srows)
         if self.uniform:
-            return self.block_fn(width)
+            self.block_fn(width)
+            return self.depth, self.go
         # Steps apply different shared layers (Sequence sharing): one call per step, over the rows
         # at that depth (host-known: entering rows are at 0, the others' depths came with the copy).
         by_step: dict[int, list[int]] = {0: list(plan["enter"])}
@@ -380,10 +385,13 @@ class ServingEngine:
                 out = out.index_copy(0, idx, self._block_rows(idx, step, width))
         return self._route(out)
 
-    def _block_step(self, width: int):
+    def _block_step(self, width: int) -> None:
         """One recursion step for every row with go set (masked, static shapes), then the next
-        routing decision. Returns (depth, go) of every row after the step."""
-        return self._route(self._block_rows(None, 0, width))
+        routing decision, written into the rows' state."""
+        self._route(self._block_rows(None, 0, width))
+
+    def _row_state(self) -> tuple[torch.Tensor, ...]:
+        return self.h, self.h1, self.gate, self.assigned, self.logit, self.depth, self.go, self.pos, self.all_rows
 
     def _block_rows(self, idx: torch.Tensor | None, step: int, width: int) -> torch.Tensor:
         """f(h) of rows idx (None: all rows, no gathers) at recursion `step` (whose layers every one
@@ -399,7 +407,8 @@ class ServingEngine:
         return model._run_block(step, h[:, None], TokenFrame(pos, go[:, None], cache=views))[:, 0]
 
     def _route(self, out: torch.Tensor):
-        """Apply the step's outputs (rows with go set) and decide each row's next step."""
+        """Apply the step's outputs (rows with go set) and decide each row's next step; the rows'
+        state is written in place. Returns (depth, go) of every row after the step."""
         model, nr, go = self.model, self.nr, self.go
         depth = self.depth + go.long()
         if model.token_router is not None:
@@ -412,13 +421,15 @@ class ServingEngine:
             h = torch.where(go[:, None], new, self.h)
             nxt = depth.clamp(max=nr - 1)
             main, causal = self.router_nets(h)  # (rows, Nr) each: tiny
-            self.logit = torch.where(go, main.gather(1, nxt[:, None])[:, 0], self.logit)
+            self.logit.copy_(torch.where(go, main.gather(1, nxt[:, None])[:, 0], self.logit))
             go_next = go & (depth < nr) & (causal.gather(1, nxt[:, None])[:, 0] > 0)
         else:
             h = torch.where(go[:, None], out, self.h)
             go_next = go & (depth < nr)
-        self.h, self.depth, self.go = h, depth, go_next
-        return depth, go_next
+        self.h.copy_(h)
+        self.depth.copy_(depth)
+        self.go.copy_(go_next)
+        return self.depth, self.go
 
     # ------------------------------------------------------------------ host: after the copy
     def _after(self, plan: dict, values: list[int], exit_logits) -> None:

@@ -251,10 +251,59 @@ def test_shared_block_step_compiles_whole_and_gives_the_same_tokens():
         return [done[i] for i in ids]
 
     eager, compiled = serve(False), serve(True)
-    # What the step writes in place is marked static (CUDA graphs then use it where it lies).
-    engine = ServingEngine(model, 3)
-    engine.compile_block()
-    assert all(get_static_address_type(t) for t in engine.cache.shared.device_tensors())
     for a, b in zip(eager, compiled):
         assert a.tokens == b.tokens and a.depths == b.depths
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["mor_expert", "mor_token"])
+def test_device_state_stays_where_it_was_allocated(key):
+    """What CUDA graphs rely on (compile_block): the rows' state and the shared pools are written in
+    place, never replaced, in eager and in compiled ticks, and they are marked static for the
+    compiler; the step returns nothing that is kept (a graph's outputs are overwritten by its next
+    replay)."""
+    model = tiny_model(key)
+    for compiled in (False, True):
+        engine = ServingEngine(model, 3, width_bucket=4)
+        if compiled:
+            engine.compile_block(fullgraph=True, dynamic=False)
+        tensors = [*engine._row_state(), *engine.cache.shared.device_tensors()]
+        where = [t.data_ptr() for t in tensors]
+        for n in (6, 11, 4, 9):
+            engine.submit(prompt(n, seed=n), 8)
+        engine.run()
+        after = [*engine._row_state(), *engine.cache.shared.device_tensors()]
+        assert all(a is b for a, b in zip(tensors, after)) and [t.data_ptr() for t in after] == where
+        assert all(bool(get_static_address_type(t)) == compiled for t in after)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; "
+                    "test_device_state_stays_where_it_was_allocated checks on CPU what they rely on")
+def test_cuda_graph_ticks_give_the_eager_tokens_with_two_engines_interleaved():
+    """compile_block(mode="reduce-overhead") on CUDA: two engines ticking in turn (as
+    bench/inference.py runs them) give what eager gives, with no graph skipped."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("mor_expert").cuda()
+    prompts = [prompt(6, 1), prompt(40, 2), prompt(4, 3), prompt(70, 4)]
+
+    def serve(compiled: bool, n: int):
+        engines = [ServingEngine(model, 3, keep_logits=True, width_bucket=4) for _ in range(n)]
+        for e in engines:
+            if compiled:
+                e.compile_block(mode="reduce-overhead")
+            for i, p in enumerate(prompts):
+                e.submit(p, 40 if i % 2 else 12)
+        while any(e.busy() for e in engines):
+            for e in engines:
+                if e.busy():
+                    e.tick()
+        return [e.finished for e in engines]
+
+    eager = serve(False, 1)[0]
+    counters.clear()
+    for done in serve(True, 2):
+        for i, want in eager.items():
+            assert done[i].tokens == want.tokens and done[i].depths == want.depths
+            torch.testing.assert_close(torch.stack(done[i].logits), torch.stack(want.logits), rtol=0, atol=1e-3)
+    assert counters["inductor"]["cudagraph_skips"] == 0
