@@ -45,9 +45,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
         self._tables: dict = {}
-        # Built now for the CPU: a table first built inside a compiled forward would make the next
-        # call fail the compiled graph's guard and compile again.
+        # Built now for the CPU, and for any device the module moves to (_apply): a table first built
+        # inside a compiled forward would make the next call fail the graph's guard and compile again.
         self.tables(torch.device("cpu"))
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.tables(fn(torch.empty(0)).device)  # .to() / .cuda(): fn maps a tensor to where it goes
+        return out
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)

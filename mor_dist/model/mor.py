@@ -284,7 +284,8 @@ class MoRModel(nn.Module):
             s.stats[f"dead_tokens/r{r + 1}"] = (tgt & ~pred).float().sum() / tgt.float().sum()
 
     def _record_active(self, r: int, s: RecursionState, frac) -> None:
-        s.stats[f"active_frac/r{r + 1}"] = torch.as_tensor(frac, dtype=torch.float32).detach()
+        # frac is a Python number in top-k mode: made on the hidden states' device, like every stat.
+        s.stats[f"active_frac/r{r + 1}"] = torch.as_tensor(frac, dtype=torch.float32, device=s.h.device).detach()
 
     # ------------------------------------------------------------------ token-choice
     def _assign_depths(self, s: RecursionState) -> None:

@@ -214,8 +214,10 @@ def grad_bytes(engine) -> int:
 def _accumulate(sums: dict, out) -> None:
     """Add a micro-batch's loss, aux losses and routing stats to the step's sums, on the device."""
 
-    def add(key, value):
-        value = torch.as_tensor(value).detach()
+    device = out.loss.device
+
+    def add(key, value):  # on the loss's device: one torch.cat of every sum for the host copy
+        value = torch.as_tensor(value, device=device).detach()
         sums[key] = sums[key] + value if key in sums else value
 
     add("loss", out.loss)

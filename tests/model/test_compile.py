@@ -42,3 +42,20 @@ def test_token_choice_syncs_only_where_shapes_depend_on_data():
     reasons = " ".join(str(b.reason) for b in explanation.break_reasons)
     assert explanation.graph_break_count >= 1
     assert all("compact" in "".join(str(f) for f in b.user_stack) for b in explanation.break_reasons), reasons
+
+
+@pytest.mark.parametrize("name", ["mor", "mor_kvshare"])
+def test_training_outputs_live_on_the_models_device(name):
+    """Every loss, aux loss and routing statistic is made where the model runs (the trainer joins
+    them in one torch.cat for its single host copy; one CPU stat among CUDA ones fails there), and a
+    moved model has its RoPE tables for the new device before any compiled forward (built inside
+    one, the next call would fail the graph's guard and compile again). The meta device stands in
+    for a GPU: it runs the shapes without data."""
+    from mor_dist.model.layers import RotaryEmbedding
+
+    model = make(name).train().to("meta")
+    assert all("meta" in r._tables for r in model.modules() if isinstance(r, RotaryEmbedding))
+    x = torch.zeros(2, 32, dtype=torch.long, device="meta")
+    out = model(x, x)
+    where = {k: v.device.type for k, v in {"loss": out.loss, **out.aux, **out.stats}.items()}
+    assert set(where.values()) == {"meta"} and any(k.startswith("active_frac") for k in where), where
