@@ -2,12 +2,17 @@
 tells DeepSpeed which ranks form the data-parallel group, and per-rank byte accounting.
 
 AdamW is torch's (no C++ op build on CPU; fused on CUDA); ZeRO 1/2/3 shard its state over the
-data-parallel group. Under bf16, gradients accumulate in fp32.
+data-parallel group. Under bf16 with ZeRO (stage >= 1, the default), gradients accumulate in fp32;
+DeepSpeed refuses that without ZeRO, so stage 0 accumulates them in bf16 (warned).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("mor.train")
 
 
 def import_deepspeed():
@@ -43,6 +48,9 @@ def deepspeed_config(cfg, dims, load_universal: bool = False) -> dict:
         # Gradients summed over many micro-batches (16 in the paper's recipe) lose bits in bf16: keep
         # the accumulation in fp32 (DeepSpeed supports it with ZeRO; without ZeRO it refuses).
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif bf16 and accum > 1 and dims.rank == 0:
+        log.warning("parallel.zero_stage=0 under bf16: gradients accumulate in bf16 over %d micro-batches "
+                    "(DeepSpeed keeps fp32 accumulation for ZeRO only); zero_stage=1 keeps them in fp32", accum)
     if dims.pp > 1:
         # The aux-loss scalar travels in the activation tuple; under TP it must not be partitioned.
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
