@@ -50,7 +50,7 @@ else
 fi
 
 # Seconds per step on a full run, together under 10 minutes; the smoke run has no limits.
-declare -A LIMIT=([training]=240 [attention]=45 [gpu_tests]=120 [inference]=180 [parallel_tests]=150)
+declare -A LIMIT=([training]=210 [attention]=90 [gpu_tests]=120 [inference]=150 [parallel_tests]=150)
 
 report() {  # the JSON from what the steps left so far
     $PY - "$WORK" "$OUT" "$SMOKE" <<'EOF'

@@ -45,7 +45,7 @@ def _paged_fwd(Q, QPOS, KP, VP, PP, TABLE, LEN, OUT, t, n_pages, qk_scale,
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for j in range(0, n_pages):
-        page = tl.load(TABLE + row * stride_tn + j)
+        page = tl.load(TABLE + row * stride_tn + j).to(tl.int64)  # page * stride passes 2^31 in large pools
         idx = j * PAGE + offs_s
         k_ok = idx < length
         k_pos = tl.load(PP + page * PAGE + offs_s, mask=k_ok, other=2147483647)
@@ -83,12 +83,14 @@ def paged_attention_triton(q, q_pos, k_pool, v_pool, pos_pool, pages, length) ->
     page, hkv = k_pool.shape[1], k_pool.shape[2]
     if page < 16 or page & (page - 1) or d < 16 or d & (d - 1):
         raise ValueError(f"Triton paged attention needs page size and head dim powers of two >= 16, got {page}, {d}")
+    if any(x.stride(-1) != 1 for x in (q, k_pool, v_pool)):  # the kernel steps along head_dim by 1
+        raise ValueError("Triton paged attention needs q, k_pool and v_pool contiguous in their last dim")
     out = torch.empty_like(q)
     block_m = 16 if t <= 16 or interpreting() else 64
     grid = (n, hq, triton.cdiv(t, block_m))
     pages = pages.contiguous()
     length = length.to(torch.int32).contiguous()
-    pos_flat = pos_pool.to(torch.int32).contiguous()
+    pos_flat = pos_pool.contiguous()  # read as stored (int64): converting would copy the pool every call
     q_pos = q_pos.to(torch.int32).contiguous()
     scale = d ** -0.5 * 1.4426950408889634  # log2(e): the kernel's softmax is in base 2
     _paged_fwd[grid](
