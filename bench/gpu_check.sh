@@ -49,7 +49,7 @@ else
     INFER_ARGS=(--compile --recursions 4 --batch 64 --kv-batch 16 --prompt-len 128 --gen-len 128)
 fi
 
-# Seconds per step on a full run, together under 10 minutes; the smoke run has no limits.
+# Seconds per step on a full run: 570 on one GPU (+150 with two or more); the smoke run has no limits.
 declare -A LIMIT=([training]=210 [attention]=90 [gpu_tests]=120 [inference]=150 [parallel_tests]=150)
 
 report() {  # the JSON from what the steps left so far
@@ -65,7 +65,7 @@ for status in sorted(work.glob("*.status")):
     name = status.stem
     rc, seconds, *skipped = status.read_text().split()
     steps[name] = {"rc": int(rc), "seconds": int(seconds), "passed": rc == "0", "skipped": bool(skipped)}
-    if rc != "0":  # 124: out of time
+    if rc != "0":  # 124 or 137: out of time
         steps[name]["output_tail"] = (work / f"{name}.out").read_text(errors="replace").strip().splitlines()[-20:]
 
 
@@ -73,9 +73,12 @@ def parsed(name):
     """The step's JSON (its last stdout line) when it passed; else where to look."""
     if name not in steps:
         return {"not_run": True}
-    if not steps[name]["passed"]:
-        return {"failed": True, "see": f"steps.{name}"}
-    return json.loads((work / f"{name}.json").read_text().strip().splitlines()[-1])
+    if steps[name]["passed"]:
+        try:
+            return json.loads((work / f"{name}.json").read_text().strip().splitlines()[-1])
+        except (OSError, IndexError, ValueError) as e:  # exit 0 but no JSON: a failure all the same
+            steps[name].update(passed=False, error=f"no JSON on its stdout ({type(e).__name__})")
+    return {"failed": True, "see": f"steps.{name}"}
 
 
 def text(name, lines=None):
@@ -102,25 +105,41 @@ result = {
 tmp = out.with_name(out.name + ".tmp")
 tmp.write_text(json.dumps(result, indent=1, default=float))
 tmp.replace(out)
+sys.exit(3 if any(not s["passed"] for s in steps.values()) else 0)  # 3: a step failed (the report says which)
 EOF
 }
 
 FAILED=()
+REPORT_RC=0
 step() {  # step NAME STDOUT_FILE COMMAND...: run it under its limit, record rc and seconds, rewrite the report
     local name=$1 stdout=$2; shift 2
-    local limit=0 start=$SECONDS rc=0
-    [ "$SMOKE" = 1 ] || limit=${LIMIT[$name]}
+    local limit=${LIMIT[$name]:?gpu_check.sh: no time limit for step $name} start=$SECONDS rc=0
+    [ "$SMOKE" = 0 ] || limit=0  # 0: none
+    # timeout puts the step in a process group of its own: started in the background and waited
+    # for, so that a kill of this script (Ctrl-C, the job's end) reaches it instead of leaving it running.
     if [ "$stdout" = "-" ]; then
-        timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.out" 2>&1 || rc=$?
+        timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.out" 2>&1 &
     else
-        timeout --kill-after=10 "$limit" "$@" > "$WORK/$stdout" 2> "$WORK/$name.out" || rc=$?
+        timeout --kill-after=10 "$limit" "$@" > "$WORK/$stdout" 2> "$WORK/$name.out" &
     fi
+    CHILD=$!
+    trap 'kill -TERM $CHILD 2>/dev/null; wait $CHILD; exit 143' INT TERM
+    wait $CHILD || rc=$?
+    trap - INT TERM
     echo "$rc $((SECONDS - start))" > "$WORK/$name.status"
     if [ "$rc" != 0 ]; then
         FAILED+=("$name")
-        [ "$rc" = 124 ] && echo "   $name: out of time (${limit} s)" || echo "   $name: failed (exit $rc)"
+        case "$rc" in
+            124|137) echo "   $name: out of time (${limit} s)" ;;
+            *) echo "   $name: failed (exit $rc)" ;;
+        esac
     fi
-    report || echo "gpu_check: could not write $OUT" >&2
+    report_now
+}
+report_now() {  # REPORT_RC: 0, 3 (written; a step failed, maybe one that exited 0 without its JSON), other: not written
+    REPORT_RC=0
+    report || REPORT_RC=$?
+    [ "$REPORT_RC" = 0 ] || [ "$REPORT_RC" = 3 ] || echo "gpu_check: could not write $OUT" >&2
 }
 skip() {  # skip NAME WHY
     echo "skipped: $2" > "$WORK/$1.out"
@@ -149,10 +168,14 @@ if [ "$GPUS" -ge 2 ] && [ "$SMOKE" = 0 ]; then
 else
     skip parallel_tests "needs 2 GPUs (has $GPUS) and a full run (smoke=$SMOKE)"
 fi
-report
+report_now
 
-if [ ${#FAILED[@]} -gt 0 ]; then
-    echo "gpu_check: wrote $OUT; failed: ${FAILED[*]} (their output ends in steps.<name>.output_tail)"
+if [ "$REPORT_RC" != 0 ] && [ "$REPORT_RC" != 3 ]; then
+    echo "gpu_check: the report could not be written (see above)"
+    exit 1
+fi
+if [ "$REPORT_RC" = 3 ]; then
+    echo "gpu_check: wrote $OUT; failed: ${FAILED[*]:-a step that left no JSON} (the report's steps say why)"
     exit 1
 fi
 echo "gpu_check: wrote $OUT"

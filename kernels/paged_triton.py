@@ -45,7 +45,7 @@ def _paged_fwd(Q, QPOS, KP, VP, PP, TABLE, LEN, OUT, t, n_pages, qk_scale,
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for j in range(0, n_pages):
-        page = tl.load(TABLE + row * stride_tn + j).to(tl.int64)  # page * stride passes 2^31 in large pools
+        page = tl.load(TABLE + row * stride_tn + j).to(tl.int64)  # an int32 table: page * stride may pass 2^31
         idx = j * PAGE + offs_s
         k_ok = idx < length
         k_pos = tl.load(PP + page * PAGE + offs_s, mask=k_ok, other=2147483647)

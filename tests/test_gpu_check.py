@@ -25,10 +25,11 @@ def test_gpu_check_smoke_writes_its_report(tmp_path):
 
 def test_gpu_check_goes_on_past_a_failed_step_and_says_which(tmp_path):
     """A step that fails (here the training benchmark, through a Python that refuses to run it) is
-    recorded with its exit code and output; the steps after it still run; the exit code is 1."""
+    recorded with its exit code and output; the steps after it still run, and one that exits 0
+    without its JSON (the decoding benchmark here) counts as failed; the exit code is 1."""
     py = tmp_path / "py"
     py.write_text(f'#!/bin/sh\nif [ "$1" = bench/train_throughput.py ]; then echo "CUDA error: no kernel image" >&2; exit 3; fi\n'
-                  f'exec {sys.executable} "$@"\n')
+                  f'if [ "$1" = bench/inference.py ]; then exit 0; fi\nexec {sys.executable} "$@"\n')
     py.chmod(0o755)
     out = tmp_path / "check.json"
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--out", str(out)], cwd=REPO,
@@ -38,4 +39,6 @@ def test_gpu_check_goes_on_past_a_failed_step_and_says_which(tmp_path):
     assert got["steps"]["training"]["rc"] == 3 and not got["steps"]["training"]["passed"]
     assert "CUDA error: no kernel image" in got["steps"]["training"]["output_tail"][-1]
     assert got["training"] == {"failed": True, "see": "steps.training"}
-    assert got["steps"]["inference"]["passed"] and got["inference"]["fixed_batch_ratio"]["mor3_share"] > 0
+    assert got["steps"]["inference"]["rc"] == 0 and not got["steps"]["inference"]["passed"]
+    assert got["steps"]["inference"]["error"].startswith("no JSON") and got["inference"]["failed"]
+    assert "parallel_tests" in got["steps"]  # the last step's entry: the run went on to the end

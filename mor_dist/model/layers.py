@@ -51,7 +51,12 @@ class RotaryEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self.tables(fn(torch.empty(0)).device)  # .to() / .cuda(): fn maps a tensor to where it goes
+        try:  # .to() / .cuda(): fn maps a tensor to where it goes
+            moved = fn(torch.empty(0))
+        except Exception:  # an fn that needs a real parameter: the table is built on first use
+            return out
+        if type(moved) is torch.Tensor:  # not a fake or subclass tensor (tracing), which must not be kept
+            self.tables(moved.device)
         return out
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

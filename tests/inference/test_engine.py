@@ -302,7 +302,11 @@ def test_cuda_graph_ticks_give_the_eager_tokens_with_two_engines_interleaved():
 
     eager = serve(False, 1)[0]
     counters.clear()
-    for done in serve(True, 2):
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:  # CUDA runtime calls are recorded too
+        served = serve(True, 2)
+    assert any("cudaGraphLaunch" in e.key for e in prof.key_averages())  # graphs did replay
+    for done in served:
         for i, want in eager.items():
             assert done[i].tokens == want.tokens and done[i].depths == want.depths
             torch.testing.assert_close(torch.stack(done[i].logits), torch.stack(want.logits), rtol=0, atol=1e-3)
