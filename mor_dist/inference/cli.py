@@ -98,8 +98,8 @@ def _serve_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     res = serve(model, args.max_requests, args.requests, args.prompt_len, args.gen_len, args.seed,
-                kv=args.kv, page_size=args.page_size, prefill_tokens=args.prefill_tokens)
-    res["device"] = device
+                compile=args.compile, kv=args.kv, page_size=args.page_size, prefill_tokens=args.prefill_tokens)
+    res["device"], res["compiled"] = device, args.compile
     print(json.dumps(res, indent=1))
     return 0
 
@@ -139,6 +139,8 @@ def add_inference_parsers(sub) -> None:
     p.add_argument("--page-size", type=flag_type(">= 1"), default=16, help="KV-cache page size in tokens")
     p.add_argument("--prefill-tokens", type=flag_type(">= 1"), default=256, help="prompt tokens prefilled per tick")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="the shared-block step through torch.compile; on a GPU "
+                   "with CUDA graphs (compiled during the warm-up, outside the figures)")
     p.add_argument("--seed", type=flag_type(SEED), default=0)
     p.add_argument("--threads", type=flag_type(">= 0"), default=0)
     p.set_defaults(func=_serve_bench)

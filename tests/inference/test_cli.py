@@ -52,6 +52,19 @@ def test_serve_bench_random_weights(capsys):
     assert not res["steady_state"] and res["requests_finished"] == 3
 
 
+def test_serve_bench_compiled_block_step(capsys):
+    """--compile: the shared-block step compiled (CUDA graphs on a GPU), the figures as eager's."""
+    args = ["serve-bench", "--config", "configs/tiny/mor.yaml", "--requests", "8", "--prompt-len", "8",
+            "--gen-len", "6", "--max-requests", "2", "--device", "cpu", "--compile"]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["compiled"] and res["steady_state"] and res["decode_tokens_per_s"] > 0
+    assert counters["stats"]["unique_graphs"] >= 1  # the step was compiled, not run eager
+
+
 def test_damaged_export_is_refused_in_one_line(tmp_path, capsys):
     export_folder(tmp_path)
     weights = tmp_path / "model.safetensors"
