@@ -98,7 +98,7 @@ def _serve_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     res = serve(model, args.max_requests, args.requests, args.prompt_len, args.gen_len, args.seed,
-                compile=args.compile, kv=args.kv, page_size=args.page_size, prefill_tokens=args.prefill_tokens)
+                compiled=args.compile, kv=args.kv, page_size=args.page_size, prefill_tokens=args.prefill_tokens)
     res["device"], res["compiled"] = device, args.compile
     print(json.dumps(res, indent=1))
     return 0

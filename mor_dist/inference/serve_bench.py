@@ -152,15 +152,15 @@ def kv_bytes_per_token(model, cache, depths: list[int]) -> float:
 
 
 @torch.no_grad()
-def serve(model, rows: int, requests: int, prompt_len: int, gen_len: int, seed: int = 0, compile: bool = False,
+def serve(model, rows: int, requests: int, prompt_len: int, gen_len: int, seed: int = 0, compiled: bool = False,
           **engine_kwargs) -> dict:
     """`mor serve-bench`: `requests` requests (at least rows + 1) through `rows` rows in a closed
-    loop; figures from the steady state (after the warm-up, while requests wait). compile: the
+    loop; figures from the steady state (after the warm-up, while requests wait). compiled: the
     shared-block step through torch.compile, with CUDA graphs on a GPU (compiled in the warm-up)."""
-    if compile:
+    if compiled:
         engine_kwargs.setdefault("width_bucket", 4)  # pages read per call rounded up: fewer shapes to compile
     loop = ClosedLoop(model, rows, prompt_len, gen_len, seed, total=max(requests, rows + 1), **engine_kwargs)
-    if compile:
+    if compiled:
         cuda = model.embed.weight.device.type == "cuda"
         loop.engine.compile_block(**({"mode": "reduce-overhead"} if cuda else {}))
     loop.warm_up()
