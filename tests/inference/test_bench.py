@@ -1,6 +1,7 @@
 """bench/inference.py keeps running: its --quick mode end to end, its JSON complete."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -13,8 +14,10 @@ def test_inference_benchmark_quick_mode_reports_every_ratio():
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     names = {"mor2_rw", "mor2_share", "mor3_rw", "mor3_share"}  # --quick: Nr = 2, 3
-    for key in ("fixed_batch_ratio", "kv_budget_ratio"):
+    for key in ("fixed_batch_ratio", "kv_budget_ratio", "fixed_batch_paired_ratio", "kv_budget_paired_ratio"):
         assert set(out[key]) == names and all(v > 0 for v in out[key].values()), out[key]
+    van, mor = out["kv_budget"]["vanilla"]["rounds"], out["kv_budget"]["mor3_share"]["rounds"]  # pairs by cycle
+    assert out["kv_budget_paired_ratio"]["mor3_share"] == statistics.median(m / v for m, v in zip(mor, van))
     for setting in ("fixed_batch", "kv_budget"):
         runs = {name: res for name, res in out[setting].items() if isinstance(res, dict)}
         for name, res in runs.items():
