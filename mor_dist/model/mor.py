@@ -118,7 +118,9 @@ class MoRModel(nn.Module):
         # Optimizer steps taken: drives capacity / max-depth warmups; saved with the model. The
         # forward reads its host copy: reading the buffer would stop the device every recursion.
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
-        self.host_step = 0
+        # The routing warmup of this model's kind (capacity: expert-choice; max depth: token-choice).
+        self.warmup_steps = {"expert": rt.capacity_warmup_steps, "token": rt.max_depth_warmup_steps}.get(rt.type, 0)
+        self._set_host_step(0)
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync_host_step())
         self.apply(self._init)
 
@@ -235,8 +237,9 @@ class MoRModel(nn.Module):
         if s.mode == "topk":
             # The step counter only matters during a warmup; read outside one, torch.compile would
             # specialize on it and recompile every step.
-            warmup = self.routing.capacity_warmup_steps
-            c = capacity_at(self.capacity[r], self.host_step if warmup else 0, warmup)
+            # The step counter is read only inside the warmup: torch.compile specializes on an int
+            # attribute it reads and would recompile every step (train.compile runs the warmup eager).
+            c = capacity_at(self.capacity[r], self.host_step, self.warmup_steps) if self.in_warmup else self.capacity[r]
             k = min(max(1, int(c * t)), cand.shape[1])
             sel = topk_in_order(logits, k)  # slots among the candidates
             valid = None
@@ -293,7 +296,7 @@ class MoRModel(nn.Module):
         logits, probs = router.probs(s.h)  # (B, T, Nr)
         scores = probs + router.bias if rt.balancing == "loss_free" else probs
         choice = scores.argmax(dim=-1)  # 0-based depth index
-        if self.training and rt.max_depth_warmup_steps and self.host_step < rt.max_depth_warmup_steps:
+        if self.training and self.in_warmup:
             choice = torch.full_like(choice, nr - 1)
         s.assigned = choice + 1
         s.gate = probs.gather(-1, choice.unsqueeze(-1))
@@ -345,12 +348,17 @@ class MoRModel(nn.Module):
 
     def _sync_host_step(self) -> None:
         """After a checkpoint load: the host copy of the step counter follows the loaded buffer."""
-        self.host_step = int(self.train_step)
+        self._set_host_step(int(self.train_step))
+
+    def _set_host_step(self, step: int) -> None:
+        self.host_step = step
+        # Read by the forward instead of the counter: a bool that changes once (see _expert_route).
+        self.in_warmup = step < self.warmup_steps
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         self.train_step += 1
-        self.host_step += 1
+        self._set_host_step(self.host_step + 1)
         if self.token_router is not None and self.routing.balancing == "loss_free":
             self.token_router.update_bias(self.routing.bias_update_rate)
         elif self.token_router is not None:

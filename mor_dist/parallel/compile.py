@@ -6,6 +6,10 @@ once per recursion, where the tokens a step runs are counted). Left eager, with 
 parallelism (megatron-core's custom autograd functions and this package's CPU shim for them),
 pipeline stages (DeepSpeed's schedule runs the stage modules itself) and ZeRO-3 (its parameter
 gather hooks fire inside the forward).
+
+A routing warmup (capacity for expert-choice, max depth for token-choice) runs eager: its schedule
+changes the top-k size or the branch taken with the step, and a compiled forward would recompile
+every step until torch's recompile limit left it eager for good. Compiled from the step it ends.
 """
 
 from __future__ import annotations
@@ -29,12 +33,20 @@ def compile_blockers(cfg, dims) -> list[str]:
     return why
 
 
-def apply_compile(model, cfg, dims) -> bool:
-    """Replace model.forward by its compiled version; False (and a warning) where not allowed."""
+def apply_compile(model, cfg, dims, backend: str = "inductor") -> bool:
+    """Replace model.forward by its compiled version; False (and a warning) where not allowed.
+    backend: torch.compile's (tests trace with "aot_eager", which skips code generation)."""
     blockers = compile_blockers(cfg, dims)
     if blockers:
         if dims.rank == 0:
             log.warning("train.compile: not compiling with %s; the model runs eager", " and ".join(blockers))
         return False
-    model.forward = torch.compile(model.forward)
+    eager, compiled = model.forward, torch.compile(model.forward, backend=backend)
+
+    def forward(*args, **kwargs):
+        return (eager if getattr(model, "in_warmup", False) else compiled)(*args, **kwargs)
+
+    model.forward = forward
+    if getattr(model, "in_warmup", False) and dims.rank == 0:
+        log.info("train.compile: the routing warmup (%d steps) runs eager, compiled after it", model.warmup_steps)
     return True

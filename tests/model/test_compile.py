@@ -59,3 +59,34 @@ def test_training_outputs_live_on_the_models_device(name):
     out = model(x, x)
     where = {k: v.device.type for k, v in {"loss": out.loss, **out.aux, **out.stats}.items()}
     assert set(where.values()) == {"meta"} and any(k.startswith("active_frac") for k in where), where
+
+
+@pytest.mark.parametrize("name, warmup", [("mor", "routing.capacity_warmup_steps=3"),
+                                          ("mor_token", "routing.max_depth_warmup_steps=3")])
+def test_a_routing_warmup_runs_eager_and_the_steps_after_it_compile_once(name, warmup):
+    """Inside a routing warmup the schedule moves with the step (top-k size, forced depth), so
+    train.compile runs it eager; after it the forward no longer reads the step counter, and the
+    compiled forward is not compiled again at every step (torch's recompile limit would otherwise
+    leave it eager from the 9th step on)."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from mor_dist.config import load_config
+    from mor_dist.parallel.compile import apply_compile
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make(name, [warmup]).train()
+    cfg = load_config(f"configs/tiny/{name}.yaml", ["parallel.zero_stage=1"])
+    dims = SimpleNamespace(tp=1, pp=1, rank=0)
+    with torch._dynamo.config.patch(cache_size_limit=64):
+        assert apply_compile(model, cfg, dims, backend="aot_eager")
+        frames = []
+        for _ in range(7):
+            out = model(tokens(t=32), tokens(t=32, seed=2))
+            out.loss.backward()
+            model.after_optimizer_step()
+            frames.append(counters["stats"]["unique_graphs"])
+    assert frames[:3] == [0, 0, 0]  # the 3 warmup steps: eager
+    assert frames[3] >= 1 and frames[-1] == frames[3], frames  # compiled at step 4, not again
