@@ -247,8 +247,7 @@ def run_setting(args, models: dict, rows: dict, kv_pages: dict) -> dict:
                           page_size=args.page_size, kv_pages=kv_pages.get(name), temperature=1.0,
                           width_bucket=4 if args.compile else 1, pack_weights=args.pack_weights)
         if args.compile:
-            mode = "reduce-overhead" if args.device == "cuda" else None
-            loop.engine.compile_block(mode=mode) if mode else loop.engine.compile_block()
+            loop.engine.compile_block()  # CUDA graphs on a GPU
         loop.warm_up()
         loops[name], start[name] = loop, len(loop.engine.finished)
         print(f"  warm: {name} ({rows[name]} rows)", file=sys.stderr, flush=True)

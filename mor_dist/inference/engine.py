@@ -155,7 +155,10 @@ class ServingEngine:
 
     def compile_block(self, **kwargs) -> None:
         """Run the shared-block step (static shapes: every row, masked) through torch.compile (which
-        traces nn.Linear's own forward: packed weights are dropped)."""
+        traces nn.Linear's own forward: packed weights are dropped); kwargs go to torch.compile, with
+        mode="reduce-overhead" (CUDA graphs) by default on CUDA."""
+        if self.device.type == "cuda":
+            kwargs.setdefault("mode", "reduce-overhead")
         unpack_linears(self.model)
         self.packed, self.tied_head = False, None
         if self.router_nets is not None:

@@ -161,8 +161,7 @@ def serve(model, rows: int, requests: int, prompt_len: int, gen_len: int, seed: 
         engine_kwargs.setdefault("width_bucket", 4)  # pages read per call rounded up: fewer shapes to compile
     loop = ClosedLoop(model, rows, prompt_len, gen_len, seed, total=max(requests, rows + 1), **engine_kwargs)
     if compiled:
-        cuda = model.embed.weight.device.type == "cuda"
-        loop.engine.compile_block(**({"mode": "reduce-overhead"} if cuda else {}))
+        loop.engine.compile_block()
     loop.warm_up()
     while loop.steady():
         loop.step()

@@ -235,8 +235,6 @@ class MoRModel(nn.Module):
         logits = router(h_c)  # (B, Kc)
         causal_logits = router.causal_logits(h_c, logits)
         if s.mode == "topk":
-            # The step counter only matters during a warmup; read outside one, torch.compile would
-            # specialize on it and recompile every step.
             # The step counter is read only inside the warmup: torch.compile specializes on an int
             # attribute it reads and would recompile every step (train.compile runs the warmup eager).
             c = capacity_at(self.capacity[r], self.host_step, self.warmup_steps) if self.in_warmup else self.capacity[r]

@@ -44,9 +44,9 @@ def apply_compile(model, cfg, dims, backend: str = "inductor") -> bool:
     eager, compiled = model.forward, torch.compile(model.forward, backend=backend)
 
     def forward(*args, **kwargs):
-        return (eager if getattr(model, "in_warmup", False) else compiled)(*args, **kwargs)
+        return (eager if model.in_warmup else compiled)(*args, **kwargs)
 
     model.forward = forward
-    if getattr(model, "in_warmup", False) and dims.rank == 0:
+    if model.in_warmup and dims.rank == 0:
         log.info("train.compile: the routing warmup (%d steps) runs eager, compiled after it", model.warmup_steps)
     return True
