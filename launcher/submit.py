@@ -90,6 +90,12 @@ def _submit(args) -> int:
     # Checked again once resolved: a symlink may lead anywhere.
     config = Path(validate.printable("config", str(Path(args.config).resolve())))
     cfg = load_config(config, args.overrides)  # a bad config fails here, not after queueing
+    if not cfg.checkpoint.resume:
+        # Every start of the job (a requeue after preemption, the next job of --chain) runs the same
+        # command: each would set the last one's checkpoints aside and begin again, for ever.
+        raise UserError("checkpoint.resume", "is false, but a requeued or chained job must resume its own "
+                        "checkpoints", "submit without it; for a fresh run give a new logging.run_dir "
+                        "(a folder's earlier checkpoints are never overwritten)")
     validate.run_dir(cfg.logging.run_dir)
     run_dir = Path(validate.run_dir(str(Path(cfg.logging.run_dir).resolve())))
     cfg.logging.run_dir = str(run_dir)

@@ -75,7 +75,17 @@ def safe_load(path, map_location="cpu", mmap: bool | None = None):
         raise _refusal(path, e) from None
     except (RuntimeError, EOFError, ValueError) as e:  # a damaged zip / truncated stream
         raise CheckpointError(f"{_name(path)}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                              "restore it from a copy or resume from another checkpoint") from None
+                              f"restore it from a copy or resume from another checkpoint{_how(path)}") from None
+
+
+def _how(path) -> str:
+    """How to resume from an earlier checkpoint, for a file inside RUN/checkpoints/step_N/."""
+    if not isinstance(path, (str, Path)):
+        return ""
+    step = Path(path).parent
+    if not (step.name.startswith("step_") and step.parent.name == "checkpoints"):
+        return ""
+    return f" (write an earlier step folder's name, e.g. step_00000001, into {step.parent / 'latest'})"
 
 
 def _name(path) -> str:
@@ -94,7 +104,7 @@ def _refusal(path, e: Exception) -> UnsafeCheckpointError:
     what = next((line.strip() for line in detail if "GLOBAL" in line or "Unsupported" in line), detail[-1])
     return UnsafeCheckpointError(
         f"{_name(path)}: refused to load: it holds something other than tensors and plain data ({what}), so it "
-        "is damaged or was crafted to run code. Restore it from a trusted copy or resume from another checkpoint"
+        f"is damaged or was crafted to run code. Restore it from a trusted copy or resume from another checkpoint{_how(path)}"
     )
 
 

@@ -243,7 +243,10 @@ class CheckpointManager:
     # ------------------------------------------------------------------ reading the folder
     def latest_name(self) -> str | None:
         pointer = self.root / LATEST
-        return pointer.read_text().strip() if pointer.is_file() else None
+        if not pointer.is_file():
+            return None
+        # Damaged bytes name no folder (latest() says so, and a resume falls back) rather than raise here.
+        return pointer.read_bytes().decode("utf-8", errors="replace").strip()
 
     def folder(self, name: str) -> Path | None:
         """Where the checkpoint `name` is: its folder, or -- after a kill while a save of the same

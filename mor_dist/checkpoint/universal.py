@@ -59,7 +59,12 @@ def cached(out: Path, save_id: str | None) -> dict | None:
     done = out / DONE
     if not done.is_file():
         return None
-    record = json.loads(done.read_text())
+    try:
+        record = json.loads(done.read_bytes())
+    except ValueError as e:  # truncated or overwritten: the caller converts again
+        raise CheckpointError(f"{done}: not a valid record ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        raise CheckpointError(f"{done}: not a conversion record (no file list)")
     if record.get("save_id") != save_id:
         return None  # a conversion of another checkpoint of the same step (an earlier run)
     verify_files(out, record["files"], "sha256", done)

@@ -1,7 +1,7 @@
 """DeepSpeed engine for a (possibly tensor-parallel) MoRModel: config builder, the mpu object that
 tells DeepSpeed which ranks form the data-parallel group, and per-rank byte accounting.
 
-AdamW is torch's (no C++ op build on CPU; fused on CUDA); ZeRO 1/2/3 shard its state over the
+AdamW is torch's fused one (no C++ op build on CPU); ZeRO 1/2/3 shard its state over the
 data-parallel group. Under bf16 with ZeRO (stage >= 1, the default), gradients accumulate in fp32;
 DeepSpeed refuses that without ZeRO, so stage 0 accumulates them in bf16 (warned).
 """
@@ -84,10 +84,54 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def adamw(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
-    """torch's AdamW; on CUDA its fused kernel (one launch for all parameters, not a few per tensor)."""
+    """torch's AdamW, its fused kernel (CUDA and CPU): one call for all parameters, not a few per
+    tensor, and the only one that can skip an update on the device (NonFiniteGuard)."""
     o = optim_cfg
     return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                             fused=torch.cuda.is_available() or None)
+                             fused=True)
+
+
+class NonFiniteGuard:
+    """Skips the update of a step whose gradients are not all finite, for an optimizer with no such
+    check of its own: torch's AdamW, which DeepSpeed steps directly at ZeRO stage 0 (its ZeRO and
+    bf16 optimizers check, skip and set `overflow` themselves). Unguarded, one inf gradient made every
+    weight NaN, and the next checkpoint saved them.
+
+    The check stays on the device: the fused kernel reads `found_inf` and leaves parameters, moments
+    and step counts as they were when it is 1. It is agreed over the world (a pipeline stage or
+    tensor-parallel shard that overflowed alone would otherwise let the others step). `found` holds
+    the last step's flag (a device tensor; the train module reads it with the step's metrics)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer, self.step = optimizer, optimizer.step
+        self.found: torch.Tensor | None = None
+        optimizer.step = self
+
+    def __call__(self, *args, **kwargs):
+        import torch.distributed as dist
+
+        from mor_dist.parallel.dims import comm_device
+
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        found = torch.zeros((), device=comm_device())
+        if grads:
+            total = torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()
+            found = (~torch.isfinite(total)).float().to(found.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        self.found = self.optimizer.found_inf = found
+        try:
+            return self.step(*args, **kwargs)
+        finally:
+            del self.optimizer.found_inf
+
+
+def guard_nonfinite(engine) -> NonFiniteGuard | None:
+    """The guard for the engine's optimizer where it has no overflow check of its own, else None."""
+    opt = engine.optimizer
+    if hasattr(opt, "overflow") or not isinstance(opt, torch.optim.Optimizer):
+        return None
+    return NonFiniteGuard(opt)
 
 
 class MegatronMpu:

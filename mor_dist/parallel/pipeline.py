@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mor_dist.parallel.engine import (
-    adamw, deepspeed_config, import_deepspeed, load_engine, rank_bytes, save_engine,
+    adamw, deepspeed_config, guard_nonfinite, import_deepspeed, load_engine, rank_bytes, save_engine,
 )
 from mor_dist.parallel.dims import comm_device
 from mor_dist.parallel.parallelize import check_layout, parallelize
@@ -122,6 +122,7 @@ class PipelineTrainModule:
             model=self.pipe, optimizer=adamw(self.pipe, cfg.optim), config=deepspeed_config(cfg, dims, load_universal)
         )
         self.grid = self.engine.grid
+        self.guard = guard_nonfinite(self.engine)  # ZeRO stage 0: torch's AdamW skips non-finite steps
         _release_unowned(model, self.pipe)
         self.measure_bytes = False
         self.last_rank_bytes: dict[str, int] = {}
@@ -160,10 +161,22 @@ class PipelineTrainModule:
         if self.measure_bytes:
             self.last_rank_bytes = rank_bytes(self.engine)
         metrics = self._gather_metrics(len(micro_batches))
-        self._after_step()
+        # Non-finite gradients: the optimizer skipped the update (DeepSpeed's own check, or the
+        # guard's at ZeRO stage 0, agreed over every stage); a non-finite loss is reported as such.
+        flag = torch.tensor([float(getattr(self.engine.optimizer, "overflow", False))], device=comm_device())
+        if self.guard is not None and self.guard.found is not None:
+            flag = torch.maximum(flag, self.guard.found.reshape(1).to(flag.device))
+        # DeepSpeed agrees on overflow over data- and tensor-parallel ranks, not over stages: every
+        # rank must report the same step (this path syncs for its metrics already).
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        skipped = bool(flag.item())
+        if skipped:
+            self.model.discard_step()
+        else:
+            self._after_step()
         norm = self.engine.get_global_grad_norm()
         metrics["grad_norm"] = float(norm) if norm is not None else None
-        metrics["skipped"] = False  # the schedule has stepped already: non-finite losses are reported
+        metrics["skipped"] = skipped
         return metrics
 
     def _gather_metrics(self, n: int) -> dict:

@@ -14,7 +14,6 @@ PipelineTrainModule of pipeline.py, which keeps the same contract.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mor_dist.parallel.engine import (
-    MegatronMpu, adamw, deepspeed_config, import_deepspeed, load_engine, rank_bytes, save_engine,
+    MegatronMpu, adamw, deepspeed_config, guard_nonfinite, import_deepspeed, load_engine, rank_bytes, save_engine,
 )
 from mor_dist.parallel.dims import comm_device
 from mor_dist.parallel.parallelize import parallelize
@@ -45,6 +44,7 @@ class TrainModule:
             model=model, optimizer=adamw(model, cfg.optim), mpu=mpu,
             config=deepspeed_config(cfg, dims, load_universal),
         )
+        self.guard = guard_nonfinite(self.engine)
         self.measure_bytes = False  # tests and the planner's check set this: fills last_rank_bytes
         self.last_rank_bytes: dict[str, int] = {}
 
@@ -52,10 +52,12 @@ class TrainModule:
     def train_step(self, micro_batches, lr: float, detail: bool = False) -> dict:
         """Forward/backward over the micro-batches, then one optimizer step at lr.
 
-        A non-finite loss on any rank (with train.nan_policy=skip) skips the update: the rest of the
-        step backpropagates NaN, which the optimizer's own overflow check turns into no step at all
-        (parameters, moments and step counts untouched, gradients cleared); a plain torch optimizer
-        (ZeRO stage 0, fp32) has no such check and is held back here. The trainer counts the step.
+        A step whose gradients are not all finite is not applied: DeepSpeed's ZeRO and bf16
+        optimizers check and skip by themselves (`overflow`), torch's AdamW at ZeRO stage 0 is
+        guarded (engine.NonFiniteGuard); parameters, moments and step counts stay as they were. A
+        non-finite loss on any rank (with train.nan_policy=skip) makes the rest of the step
+        backpropagate NaN, so it is skipped the same way. `skipped` says so; the trainer decides
+        whether the run goes on (train.nan_policy).
         """
         self.engine.train()
         for group in self.optimizer.param_groups:
@@ -82,25 +84,27 @@ class TrainModule:
             last = i == len(micro_batches) - 1
             if detail and last and not bad:
                 group_norms = self._group_grad_norms()  # after the last backward, before the step
-            if bad and last:
-                with _held_back(self.engine.optimizer):
-                    self.engine.step()
-            else:
-                self.engine.step()
+            self.engine.step()
             _accumulate(sums, out)
         if self.measure_bytes:
             self.last_rank_bytes = {**rank_bytes(self.engine), "grads": peak}
-        if bad:
-            self.model.discard_step()
-        else:
-            self._after_step()
+        # DeepSpeed's optimizers set `overflow` on the host (they synced to decide); the guard's flag
+        # is a device tensor that rides in the step's one host copy.
+        overflow = bool(getattr(self.engine.optimizer, "overflow", False))
+        if self.guard is not None and self.guard.found is not None:
+            sums["nonfinite_grads"] = self.guard.found.to(sums["loss"].device) * len(micro_batches)
         norm = None if bad else self.engine.get_global_grad_norm()
         if detail and not bad:
             sums.update({k: v * len(micro_batches) for k, v in group_norms.items()})  # _to_host divides by n
         metrics = self._to_host(sums, len(micro_batches), norm)
+        skipped = bad or overflow or metrics.pop("nonfinite_grads", 0.0) > 0
+        if skipped:
+            self.model.discard_step()
+        else:
+            self._after_step()
         if bad:
             metrics["loss"] = math.nan
-        metrics["skipped"] = bad
+        metrics["skipped"] = skipped
         return metrics
 
     def _group_grad_norms(self) -> dict:
@@ -179,22 +183,6 @@ class TrainModule:
     def load(self, folder: Path) -> None:
         load_engine(self.engine, folder)
         self.model._sync_host_step()
-
-
-@contextlib.contextmanager
-def _held_back(optimizer):
-    """A plain torch optimizer (no overflow check of its own) does not step inside the block, and
-    tells DeepSpeed's engine so (it counts a skipped step); ZeRO / bf16 optimizers skip by themselves
-    on the NaN gradients."""
-    if hasattr(optimizer, "overflow"):
-        yield
-        return
-    optimizer.step = lambda *args, **kwargs: None
-    optimizer.overflow = True
-    try:
-        yield
-    finally:
-        del optimizer.step, optimizer.overflow
 
 
 def grad_bytes(engine) -> int:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -68,10 +69,12 @@ def train(cfg, force: bool = False) -> int:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     run_dir = Path(cfg.logging.run_dir)
+    created = on_rank0(dims.rank, lambda: _make_run_dir(run_dir))
     setup_logging(run_dir, dims.rank)
     lock = RunLock(run_dir)  # held by rank 0 only; released (a no-op elsewhere) however training ends
-    on_rank0(dims.rank, lambda: lock.acquire() and None)
+    started = False
     try:
+        on_rank0(dims.rank, lambda: lock.acquire() and None)
         config_changes = on_rank0(dims.rank, lambda: check_config(cfg, force))
         grad_accum_steps(cfg, dims.dp)  # fail on a batch that does not split before building anything
         tokenizer = _tokenizer(cfg)  # and on a dataset made for another vocabulary
@@ -116,6 +119,7 @@ def train(cfg, force: bool = False) -> int:
         if resume_from is not None:
             trainer.resume(resume_from, meta, universal)
         on_rank0(dims.rank, lambda: _commit_start(cfg, ckpt, config_changes, resume_from is not None))
+        started = True
 
         code = trainer.fit()
         if dims.rank == 0:
@@ -124,6 +128,35 @@ def train(cfg, force: bool = False) -> int:
         return code
     finally:
         lock.release()
+        if created and not started and dims.rank == 0:
+            _remove_new_run_dir(run_dir)
+
+
+def _make_run_dir(run_dir: Path) -> bool:
+    """Create the run folder (rank 0); True when this start created it. A path that is a file or
+    cannot be created is refused in one line."""
+    from mor_dist.run_folder import RunDirError
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: is a file, not a folder; give logging.run_dir a folder (created if missing)")
+    existed = run_dir.is_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"{run_dir}: cannot be created ({e.strerror or e}); give logging.run_dir a folder "
+                          "you can write to") from None
+    return not existed
+
+
+def _remove_new_run_dir(run_dir: Path) -> None:
+    """A first start that failed before training leaves no folder behind: the one it created holds
+    only its log and lock (anything else there is kept)."""
+    for name in ("train.log", "run.lock"):
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:  # not empty: something else was written there, keep it
+        pass
 
 
 def dry_run(cfg, force: bool = False) -> int:
@@ -136,6 +169,7 @@ def dry_run(cfg, force: bool = False) -> int:
     from mor_dist.model.accounting import model_info
     from mor_dist.parallel.plan import OVERHEAD_FRACTION, estimate
     from mor_dist.run_folder import check_config
+    from mor_dist.training.reshard import check_resume_fits
     from mor_dist.training.trainer import grad_accum_steps
 
     p, t = cfg.parallel, cfg.train
@@ -147,7 +181,14 @@ def dry_run(cfg, force: bool = False) -> int:
     build_loader(cfg.data, t.micro_batch_size, "train", rank=0, world_size=dp)  # manifests, seq_len, shards listed
     val = split_manifests(cfg.data, "val") if t.eval_interval else []
     changes = check_config(cfg, force)
-    latest = CheckpointManager(Path(cfg.logging.run_dir), cfg.checkpoint.keep_last, "none").latest_name()
+    # The checkpoint a start would pick, its files' sizes checked (a start also checks their sha256),
+    # and whether it fits this model and layout (a --force that changed the model's shape is refused).
+    mgr = CheckpointManager(Path(cfg.logging.run_dir), cfg.checkpoint.keep_last, "size")
+    latest, resume_from, skipped = mgr.latest_name(), None, []
+    if cfg.checkpoint.resume:
+        resume_from, meta, skipped = mgr.resolve_resume()
+        if resume_from is not None:
+            check_resume_fits(resume_from, meta, cfg, SimpleNamespace(tp=p.tensor, pp=p.pipeline, dp=dp, rank=0))
 
     info = model_info(cfg)
     lay, params = info["layout"], info["params"]
@@ -166,8 +207,10 @@ def dry_run(cfg, force: bool = False) -> int:
     print(f"data        {cfg.data.dataset_dir}: {samples:,} training sequences of {cfg.data.seq_len} tokens, "
           f"tokenizer of {tokenizer.get_vocab_size()} tokens; validation "
           + ("split found" if val else "off" if not t.eval_interval else "split MISSING: no evaluation"))
-    folder = f"resumes from checkpoints/{latest}" if latest and cfg.checkpoint.resume else (
-        "new run (earlier checkpoints set aside)" if latest else "new run")
+    if resume_from is not None:
+        folder = f"resumes from checkpoints/{resume_from.name}" + "".join(f"\n  skipped: {why}" for why in skipped)
+    else:
+        folder = "new run (earlier checkpoints set aside)" if latest or skipped else "new run"
     forced = f"; --force: {len(changes)} config change(s)" if changes else ""
     print(f"run folder  {cfg.logging.run_dir}: {folder}{forced}")
     print("dry run: nothing started, nothing written")

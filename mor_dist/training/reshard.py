@@ -1,7 +1,7 @@
 """What a resume may change, checked before anything is built; and resuming at another layout.
 
 A checkpoint resumes at any layout of the same model: tensor, pipeline and data-parallel sizes and
-the ZeRO stage (1, 2, 3) may all differ from the saved ones. At another layout, rank 0 converts the
+the ZeRO stage (1, 2, 3) and the precision (fp32, bf16) may all differ from the saved ones. At another layout, rank 0 converts the
 checkpoint once into a layout-free copy (checkpoint/universal.py: DeepSpeed's universal checkpoint
 under the model's own parameter names), cached in RUN_DIR/universal/step_N and tied to the
 checkpoint's save id; every rank then loads that with DeepSpeed's universal loading. Parameters, Adam
@@ -29,36 +29,44 @@ log = logging.getLogger("mor.train")
 CONVERSION_TIMEOUT = timedelta(hours=3)  # how long the other ranks wait for rank 0's conversion
 
 
-def saved_layout(meta: dict) -> dict:
-    """The layout a checkpoint was saved at, from its meta.json."""
+def saved_layout(meta: dict, folder: Path | None = None) -> dict:
+    """The layout a checkpoint was saved at, from its meta.json. The training precision belongs to it:
+    DeepSpeed's bf16 optimizer writes other files than its fp32 ones (train.dtype=auto means fp32 on
+    a CPU, bf16 on a GPU: the same config moved between them changes it). Checkpoints from before
+    meta.json recorded it are told by their files."""
     par = meta.get("config", {}).get("parallel", {})
     tp, pp = par.get("tensor", 1), par.get("pipeline", 1)
     dp = meta.get("data_parallel_size", meta["world_size"] // (tp * pp))
-    return {"tensor": tp, "pipeline": pp, "data": dp, "zero_stage": par.get("zero_stage", 1)}
+    bf16 = meta.get("bf16")
+    if bf16 is None:
+        bf16 = folder is not None and any(Path(folder).glob("bf16_*optim_states.pt"))
+    return {"tensor": tp, "pipeline": pp, "data": dp, "zero_stage": par.get("zero_stage", 1), "bf16": bool(bf16)}
 
 
 def run_layout(cfg, dims) -> dict:
-    return {"tensor": dims.tp, "pipeline": dims.pp, "data": dims.dp, "zero_stage": cfg.parallel.zero_stage}
+    from mor_dist.parallel.engine import uses_bf16
+
+    return {"tensor": dims.tp, "pipeline": dims.pp, "data": dims.dp, "zero_stage": cfg.parallel.zero_stage,
+            "bf16": uses_bf16(cfg)}
 
 
 def describe(layout: dict) -> str:
-    return f"tensor {layout['tensor']} x pipeline {layout['pipeline']} x data {layout['data']}, ZeRO-{layout['zero_stage']}"
+    return (f"tensor {layout['tensor']} x pipeline {layout['pipeline']} x data {layout['data']}, "
+            f"ZeRO-{layout['zero_stage']}, {'bf16' if layout.get('bf16') else 'fp32'}")
 
 
 def check_resume_fits(folder: Path, meta: dict, cfg, dims) -> None:
     """Refuse a checkpoint for a model of another shape, or a layout change a plain torch optimizer
     takes part in, before the run folder or any weight is touched."""
-    saved, now = saved_layout(meta), run_layout(cfg, dims)
+    saved, now = saved_layout(meta, folder), run_layout(cfg, dims)
     if saved != now:
-        from mor_dist.parallel.engine import uses_bf16
-
         if not any(folder.glob("*optim_states.pt")):
             raise CheckpointError(
                 f"{folder}: saved at {describe(saved)} without ZeRO optimizer files (parallel.zero_stage=0 in fp32), "
                 f"so it resumes only at that layout, not at {describe(now)}; resume with the saved sizes and "
                 "zero_stage, or export the weights and start a new run from them (checkpoint.init_from)"
             )
-        if cfg.parallel.zero_stage == 0 and not uses_bf16(cfg):
+        if cfg.parallel.zero_stage == 0 and not now["bf16"]:
             raise CheckpointError(
                 f"parallel.zero_stage: 0 (a plain torch optimizer in fp32) cannot take over a checkpoint saved at "
                 f"{describe(saved)} ({folder}); use parallel.zero_stage=1, or resume at the saved layout"
@@ -115,7 +123,7 @@ def _shape_differences(saved: dict, cfg) -> list[str]:
 def universal_source(folder: Path, meta: dict, cfg, dims) -> Path | None:
     """The folder to load instead of `folder` when this run's layout differs from the saved one,
     after making it (rank 0; cached); None when the checkpoint loads as it is."""
-    saved, now = saved_layout(meta), run_layout(cfg, dims)
+    saved, now = saved_layout(meta, folder), run_layout(cfg, dims)
     if saved == now:
         return None
     out = folder.parent.parent / "universal" / folder.name
@@ -144,7 +152,7 @@ def ensure_universal(folder: Path, meta: dict, out: Path, why: str) -> dict:
     else a new conversion. Logs which, from which layout, and the time it took. One process."""
     from mor_dist.checkpoint import universal
 
-    layout = saved_layout(meta)
+    layout = saved_layout(meta, folder)
     try:
         done = universal.cached(out, meta.get("save_id"))
     except CheckpointError as e:

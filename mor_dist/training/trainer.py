@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mor_dist.model.accounting import train_flops_per_token
+from mor_dist.parallel.engine import uses_bf16
 from mor_dist.checkpoint import CheckpointManager
 from mor_dist.training.schedule import lr_multiplier
 from mor_dist.training.signals import EXIT_PREEMPTED, PreemptionFlag
@@ -95,6 +96,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "loader": self.train_loader.state_dict(),
             "data_parallel_size": self.dims.dp,
+            "bf16": uses_bf16(self.cfg),  # part of the layout (training/reshard.py)
             "reshardable": True,  # save_engine records the name map a tensor/pipeline change needs
             # The resolved config travels with every checkpoint (the lr schedule is a pure function of
             # the step and this config, so it needs no state of its own).
@@ -166,18 +168,22 @@ class Trainer:
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def _check_loss(self, metrics: dict) -> None:
+        """A non-finite loss, or non-finite gradients (the optimizer skipped the update), stops the
+        run before anything of the step is saved, or (train.nan_policy=skip) is counted and passed."""
         loss = metrics["loss"]
-        if not math.isfinite(loss):
+        if not math.isfinite(loss) or metrics.get("skipped"):
+            what = f"non-finite loss ({loss})" if not math.isfinite(loss) else \
+                f"non-finite gradients (loss {loss:.4g}, gradient norm {metrics.get('grad_norm')})"
             if self.cfg.train.nan_policy == "skip":
                 self.skipped_steps += 1
                 if self.rank0:
-                    log.warning("step %d: non-finite loss %s, update skipped (%d so far)", self.step, loss,
-                                self.skipped_steps)
+                    log.warning("step %d: %s, update skipped (%d so far)", self.step, what, self.skipped_steps)
                 self.tb.scalars({"train/skipped_steps": self.skipped_steps}, self.step)
                 return
             raise NonFiniteLossError(
-                f"non-finite loss ({loss}) at step {self.step}; the last good checkpoint is kept. Lower optim.lr, "
-                "check the data, or set train.nan_policy=skip to skip such steps"
+                f"{what} at step {self.step}; the update was not applied and nothing of this step is saved "
+                f"(the last checkpoint is kept). Lower optim.lr, check the data, or set train.nan_policy=skip "
+                "to skip such steps"
             )
         if self.loss_ema is not None and self.step > 20 and loss > SPIKE_FACTOR * self.loss_ema:
             if self.rank0:

@@ -84,6 +84,10 @@ def test_dangling_latest_and_a_later_save(tmp_path):
     (mgr.root / "latest").write_text("step_00000009")
     folder, _, skipped = mgr.resolve_resume()
     assert folder.name == "step_00000002" and "step_00000009, which does not exist" in skipped[0]
+    # Bytes that are not text at all name no folder either (they raised UnicodeDecodeError).
+    (mgr.root / "latest").write_bytes(b"\xff\xfe\x00garbage")
+    folder, _, skipped = mgr.resolve_resume()
+    assert folder.name == "step_00000002" and "does not exist" in skipped[0]
     # Saving a step that already exists replaces it whole (the old copy stays until the new is in place).
     mgr.save(2, {}, shards(22))
     assert torch.equal(torch.load(mgr.latest() / "model.pt")["w"], torch.full((4096,), 22.0))
@@ -101,3 +105,12 @@ def test_set_aside_keeps_an_earlier_runs_checkpoints(tmp_path):
     assert mgr.resolve_resume() == (None, None, [])
     mgr.save(2, {}, shards(2))
     assert steps(mgr) == ["step_00000002"] and (aside / "step_00000012" / "meta.json").is_file()
+
+
+def test_a_damaged_conversion_record_reads_as_damaged(tmp_path):
+    from mor_dist.checkpoint import universal
+
+    for text in (b'{"save_id": "a", "fi', b"\xff\xfe", b"[1, 2]", b'{"save_id": "a"}'):
+        (tmp_path / universal.DONE).write_bytes(text)
+        with pytest.raises(CheckpointError, match="done.json"):  # the caller converts again
+            universal.cached(tmp_path, "a")

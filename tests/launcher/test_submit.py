@@ -104,6 +104,13 @@ def test_bad_config_is_refused_before_queueing(capsys, tmp_path):
     assert refused(capsys, f"logging.run_dir={tmp_path}\\x").startswith("mor: logging.run_dir: ")
 
 
+def test_a_job_that_would_not_resume_is_refused(capsys, tmp_path):
+    # Each requeue would set the previous start's checkpoints aside and begin again: an endless loop.
+    line = refused(capsys, "checkpoint.resume=false", f"logging.run_dir={tmp_path / 'r'}")
+    assert line.startswith("mor: checkpoint.resume: ") and "logging.run_dir" in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_template_mistakes_are_one_line(capsys, tmp_path):
     run = f"logging.run_dir={tmp_path / 'run'}"
     missing, binary, unknown, quoted = (tmp_path / n for n in ("missing", "binary", "unknown", "quoted"))

@@ -199,14 +199,16 @@ def _snapshot(module):
     return {"model": model, "optimizer": optimizer}
 
 
-def nan_skip_cases(cases):
-    """Per case: a good step, then a step whose 2nd micro-batch has a NaN loss (nan_policy=skip),
-    then another good step. Returns the state before/after the skipped step and the metrics."""
+def nan_skip_cases(cases, poison_grad: bool = False):
+    """Per case: a good step, then a step whose 2nd micro-batch has a NaN loss (nan_policy=skip) --
+    or, with poison_grad, a finite loss and an infinite gradient (nan_policy=stop: the module skips
+    the update and reports it; the trainer stops) -- then another good step. Returns the state
+    before/after the skipped step and the metrics."""
     from mor_dist.parallel.train_module import build_train_module
 
     results = {}
     for name, overrides in cases:
-        cfg = config(name, ["train.nan_policy=skip", *overrides])
+        cfg = config(name, [f"train.nan_policy={'stop' if poison_grad else 'skip'}", *overrides])
         dims = _dims(cfg)
         module = build_train_module(model_for(cfg), cfg, dims)
         train_losses(module, cfg, dims, steps=1)
@@ -215,7 +217,12 @@ def nan_skip_cases(cases):
 
         def poison(mod, args, out):
             calls.append(1)
-            return out * float("nan") if len(calls) == 2 else out
+            if len(calls) != 2:
+                return out
+            if poison_grad:  # the loss stays finite; the gradient through the final norm does not
+                out.register_hook(lambda g: g * float("inf"))
+                return out
+            return out * float("nan")
 
         hook = module.model.norm.register_forward_hook(poison)
         skipped = module.train_step(rank_share(step_batches(cfg, 1), dims.dp, dims.dp_rank), cfg.optim.lr)

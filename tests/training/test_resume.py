@@ -147,3 +147,36 @@ def test_pipeline_and_tensor_parallel_runs_match_one_process(tiny_dataset, tmp_p
     assert all(abs(moved[s] - want[s]) < 1e-5 for s in (3, 4)), (moved, want)
     sp, _ = losses(tmp_path / "sp", 2, 29655, parallel__tensor=2, parallel__sequence_parallel="true")
     assert all(abs(sp[s] - want[s]) < 1e-5 for s in want), (sp, want)
+
+
+def test_resume_in_another_precision_goes_through_the_universal_copy(tiny_dataset, tmp_path):
+    # train.dtype=auto is fp32 on a CPU and bf16 on a GPU: the same config moved between them changes
+    # the optimizer's files (bf16_zero_*), which loading straight failed on with a traceback.
+    run = tmp_path / "run"
+    args = tiny_overrides(tiny_dataset, run, train__steps=2, train__eval_interval=0)
+    r = run_mor(["train", CONFIG, *args])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for steps, dtype, files in ((4, "bf16", "bf16_zero_pp_rank_0_*"), (6, "fp32", "zero_pp_rank_0_*")):
+        r = run_mor(["train", CONFIG, *tiny_overrides(tiny_dataset, run, train__steps=steps, train__eval_interval=0,
+                                                      train__dtype=dtype), "--force"])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "converted to a universal checkpoint" in r.stdout
+        assert list((run / "checkpoints" / f"step_{steps:08d}").glob(files + "optim_states.pt"))
+        assert json.loads((run / "checkpoints" / f"step_{steps:08d}" / "meta.json").read_text())["bf16"] == (
+            dtype == "bf16")
+
+
+def test_dry_run_picks_and_checks_the_checkpoint_a_start_would(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_overrides(tiny_dataset, run, train__steps=4, train__eval_interval=0)
+    r = run_mor(["train", CONFIG, *args])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # A --force that changes the model's shape: a start refuses it, so does the dry run (it said "resumes").
+    r = run_mor(["train", CONFIG, *args, "model.d_ff=96", "--force", "--dry-run"])
+    assert r.returncode == 2 and "--force cannot change the model's shape" in r.stderr, r.stdout + r.stderr
+    # A truncated file in the latest checkpoint: the dry run names the one a start falls back to.
+    shard = run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    r = run_mor(["train", CONFIG, *args, "--dry-run"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumes from checkpoints/step_00000003" in r.stdout and "mp_rank_00_model_states.pt" in r.stdout
