@@ -77,29 +77,44 @@ def _serve_bench(args) -> int:
     import torch
 
     from mor_dist.inference.loading import load_for_inference
-    from mor_dist.inference.serve_bench import serve
+    from mor_dist.inference.serve_bench import DEFAULT_REQUESTS_PER_ROW, MIN_REQUESTS_PER_ROW, serve
 
     torch.set_num_threads(args.threads) if args.threads else None
     if bool(args.checkpoint) == bool(args.config):
         raise ConfigError("--config: give a checkpoint or --config, exactly one of them")
+    cfg = None
+    if args.config:
+        from mor_dist.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # its mistakes first (quick)
+    rows = args.max_requests
+    requests = DEFAULT_REQUESTS_PER_ROW * rows if args.requests is None else args.requests
+    if requests < MIN_REQUESTS_PER_ROW * rows:
+        raise ConfigError(f"--requests: {requests} requests through {rows} rows (--max-requests) leave no "
+                          f"steady-state window to measure (the warm-up takes about 2 per row); give at least "
+                          f"{MIN_REQUESTS_PER_ROW * rows} ({MIN_REQUESTS_PER_ROW} per row; default "
+                          f"{DEFAULT_REQUESTS_PER_ROW * rows}), or fewer --max-requests")
     if args.device and not (args.device == "cpu" or args.device.startswith("cuda")):
         raise ConfigError(f"--device: {args.device!r} is not cpu or cuda[:N]; use one of those")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device: {args.device} but torch sees no CUDA device; use --device cpu")
     if args.checkpoint:
-        model, _ = load_for_inference(args.checkpoint)
+        model, _ = load_for_inference(args.checkpoint)  # slow: after every flag is checked
     else:
-        from mor_dist.config import load_config
         from mor_dist.model import build_model
 
         torch.manual_seed(args.seed)
-        model = build_model(load_config(args.config, args.overrides)).eval()  # random weights
+        model = build_model(cfg).eval()  # random weights
     _check_fits(model, args.prompt_len, args.gen_len, "--prompt-len/--gen-len")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    res = serve(model, args.max_requests, args.requests, args.prompt_len, args.gen_len, args.seed,
+    res = serve(model, rows, requests, args.prompt_len, args.gen_len, args.seed,
                 compiled=args.compile, kv=args.kv, page_size=args.page_size, prefill_tokens=args.prefill_tokens)
     res["device"], res["compiled"] = device, args.compile
+    if not res["steady_state"]:
+        print(f"mor: warning: --requests: no request admitted in the steady-state window finished in it, so the "
+              f"figures include the warm-up and the drain (steady_state false); raise --requests (now {requests})",
+              file=sys.stderr)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -127,10 +142,12 @@ def add_inference_parsers(sub) -> None:
                        "fill, recursion depths and KV-cache bytes per token. Give a checkpoint, or --config "
                        "for random weights (throughput only).")
     p.add_argument("checkpoint", nargs="?", help="export folder or run folder")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for --config, e.g. model.recursions=4 (--set KEY=VALUE also works)")
     p.add_argument("--config", help="YAML config for a random-weight model instead of a checkpoint")
-    p.add_argument("--requests", type=flag_type(">= 1"), default=32)
+    p.add_argument("--requests", type=flag_type(">= 1"), default=None,
+                   help="synthetic requests in all (default: 8 x --max-requests; at least 4 x, as the warm-up "
+                   "takes about 2 per row and the measured window needs its requests to finish)")
     p.add_argument("--prompt-len", type=flag_type(">= 1"), default=64)
     p.add_argument("--gen-len", type=flag_type(">= 1"), default=64)
     p.add_argument("--max-requests", type=flag_type(">= 1"), default=16,

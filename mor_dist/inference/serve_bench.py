@@ -4,7 +4,10 @@ Closed loop: a new request arrives as soon as one finishes, so the engine's rows
 measured window excludes the warm-up (until as many requests as rows have finished) and the drain
 (once no request waits). Decode and prefill are timed apart (the engine times the prefill part of
 each tick); TTFT is from a request's admission to its first token, ITL the gap between its tokens,
-both on the engine clock (CPU process time on CPU, wall time on a GPU).
+both on the engine clock (CPU process time on CPU, wall time on a GPU). `serve` takes latencies and
+depths from the requests admitted and finished inside the window: the warm-up takes about two
+requests per row, so a window needs about two more per row before any of its own requests finish
+(MIN_REQUESTS_PER_ROW); `mor serve-bench` defaults to DEFAULT_REQUESTS_PER_ROW.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import time
 import torch
 
 from .engine import ServingEngine
+
+DEFAULT_REQUESTS_PER_ROW = 8  # `mor serve-bench`'s --requests: 8 x --max-requests
+MIN_REQUESTS_PER_ROW = 4  # fewer leave a window whose own requests (mostly) do not finish in it
 
 
 def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -65,7 +71,8 @@ class ClosedLoop:
         self.g = torch.Generator().manual_seed(seed)
         self.vocab, self.total, self.submitted = model.cfg.vocab_size, total, 0
         self.window = {"ticks": 0, "decode_s": 0.0, "prefill_s": 0.0, "generated": 0, "prefill_tokens": 0}
-        self.measured: set[int] = set()  # requests admitted inside a measured window
+        self.measured: set[int] = set()  # requests in a row at the end of a measured tick
+        self.before: set[int] | None = None  # open_window(): requests admitted before it (not counted)
         for _ in range(rows + 1):  # every row busy, and one waiting
             self._submit()
 
@@ -85,6 +92,20 @@ class ClosedLoop:
         """Until as many requests as rows have finished (rows admitted at different times since)."""
         while len(self.engine.finished) < self.rows:
             self.step(measure=False)
+
+    def open_window(self) -> None:
+        """From here on summary() counts the requests admitted after this call (instead of those seen
+        in a row at the end of a measured tick): none admitted under warm-up conditions."""
+        e = self.engine
+        self.before = {r.id for r in (*e.finished.values(), *e.row_req, *e.waiting)
+                       if r is not None and r.admitted is not None}
+
+    def counted(self) -> list:
+        """The finished requests summary() takes latencies and depths from."""
+        e = self.engine
+        if self.before is not None:
+            return [r for i, r in e.finished.items() if i not in self.before]
+        return [r for i, r in e.finished.items() if i in self.measured]
 
     def step(self, measure: bool = True) -> dict:
         e = self.engine
@@ -114,9 +135,9 @@ class ClosedLoop:
                 **got}
 
     def summary(self) -> dict:
-        """Latencies and depths of the requests finished among those measured, cache figures."""
+        """Latencies and depths of the finished requests counted() gives, cache figures."""
         e, nr = self.engine, self.model.layout.recursions
-        done = [r for i, r in e.finished.items() if i in self.measured]
+        done = self.counted()
         ttft = [r.token_times[0] - r.admitted for r in done if r.token_times and r.admitted is not None]
         itl = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])]
         new_depths = [d for r in done for d in r.depths[len(r.prompt) - 1:]]
@@ -124,6 +145,7 @@ class ClosedLoop:
         return {
             "rows": self.rows,
             "requests_finished": len(e.finished),
+            "requests_measured": len(done),
             "measured_ticks": w["ticks"],
             "decode_tokens_per_s": w["generated"] / w["decode_s"] if w["decode_s"] else None,
             "prefill_tokens_per_s": w["prefill_tokens"] / w["prefill_s"] if w["prefill_s"] else None,
@@ -155,19 +177,25 @@ def kv_bytes_per_token(model, cache, depths: list[int]) -> float:
 def serve(model, rows: int, requests: int, prompt_len: int, gen_len: int, seed: int = 0, compiled: bool = False,
           **engine_kwargs) -> dict:
     """`mor serve-bench`: `requests` requests (at least rows + 1) through `rows` rows in a closed
-    loop; figures from the steady state (after the warm-up, while requests wait). compiled: the
-    shared-block step through torch.compile, with CUDA graphs on a GPU (compiled in the warm-up)."""
+    loop; figures from the steady state: the ticks after the warm-up while requests wait, latencies
+    and depths of the requests admitted and finished in them. Where none finished (too few requests
+    for the rows: fewer than MIN_REQUESTS_PER_ROW per row), the drain is measured too and
+    steady_state is False. compiled: the shared-block step through torch.compile, with CUDA graphs
+    on a GPU (compiled in the warm-up)."""
     if compiled:
         engine_kwargs.setdefault("width_bucket", 4)  # pages read per call rounded up: fewer shapes to compile
     loop = ClosedLoop(model, rows, prompt_len, gen_len, seed, total=max(requests, rows + 1), **engine_kwargs)
     if compiled:
         loop.engine.compile_block()
     loop.warm_up()
+    loop.open_window()
     while loop.steady():
         loop.step()
-    steady = loop.window["ticks"] > 0
-    while not steady and loop.engine.busy():  # too few requests for a steady state: measure the drain
-        loop.step()
+    steady = bool(loop.counted())
+    if not steady:  # too few requests for a steady state: measure the drain, every request seen in it
+        loop.before = None
+        while loop.engine.busy():
+            loop.step()
     return {**loop.summary(), "steady_state": steady}
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -9,6 +10,7 @@ from mor_dist.cli import main
 from mor_dist.config import load_config, to_yaml
 from mor_dist.inference.decode import generate
 from mor_dist.inference.loading import load_for_inference
+from mor_dist.inference.serve_bench import serve
 from tests.inference.helpers import tiny_model
 
 
@@ -46,10 +48,43 @@ def test_serve_bench_random_weights(capsys):
     assert res["requests_finished"] >= 12 - 2 and res["steady_state"] and res["measured_ticks"] > 0
     assert res["decode_tokens_per_s"] > 0 and res["prefill_tokens_per_s"] > 0 and len(res["depth_hist"]) == 4
     assert res["ttft_p50_s"] <= res["ttft_p99_s"] and res["itl_p50_s"] <= res["itl_p99_s"]
-    # Too few requests for a steady state: the whole run is measured, and said so.
-    assert main([*args[:4], "2", *args[5:]]) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert not res["steady_state"] and res["requests_finished"] == 3
+
+
+def test_serve_bench_defaults_measure_a_steady_state(capsys):
+    """The README's invocation, bare: --requests defaults to 8 x --max-requests (16 rows), so requests
+    admitted after the warm-up finish while others wait, and every figure comes from them."""
+    assert main(["serve-bench", "--config", "configs/tiny/mor.yaml", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    res = json.loads(out.out)
+    assert res["steady_state"] and "warning" not in out.err
+    assert res["rows"] == 16 and res["requests_finished"] <= 8 * 16
+    assert res["requests_measured"] >= 16 and res["measured_ticks"] > 64  # longer than one request's life
+    assert 0 < res["ttft_p50_s"] <= res["ttft_p99_s"] and 0 < res["itl_p50_s"] <= res["itl_p99_s"]
+    assert sum(res["depth_hist"]) == pytest.approx(1.0) and res["kv_bytes_per_token"] > 0
+
+
+@pytest.mark.parametrize("flags, least", [
+    (["--requests", "32"], 64),  # the old default, through the default 16 rows
+    (["--requests", "8", "--max-requests", "4"], 16),
+    (["--requests", "7", "--max-requests", "2"], 8),
+])
+def test_serve_bench_refuses_too_few_requests(flags, least, capsys):
+    """Too few requests for the rows leave no window whose requests finish: refused in one line, before
+    any load, rather than nulls reported as a steady state."""
+    assert main(["serve-bench", "--config", "configs/tiny/mor.yaml", "--device", "cpu", *flags]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("mor: --requests: ") and out.err.count("\n") == 1, out.err
+    assert f"give at least {least} " in out.err and "--max-requests" in out.err
+
+
+def test_serve_without_a_steady_state_says_so():
+    """serve() itself (no CLI check): too few requests, the drain is measured, with steady_state False
+    rather than empty figures."""
+    model = tiny_model("mor_expert")
+    res = serve(model, 2, 3, 8, 6)
+    assert not res["steady_state"] and res["requests_finished"] == 3 and res["requests_measured"] > 0
+    assert res["ttft_p50_s"] is not None and res["kv_bytes_per_token"] > 0 and sum(res["depth_hist"]) > 0
+    assert serve(model, 2, 8, 8, 6)["steady_state"]  # 4 per row: enough
 
 
 def test_serve_bench_compiled_block_step(capsys):
