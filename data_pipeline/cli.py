@@ -101,7 +101,13 @@ def _tokenizer(args) -> int:
     from mor_dist.data_pipeline.corpus import default_corpus_files, iter_texts, resolve_inputs
     from mor_dist.data_pipeline.prepare import _spread
 
+    from pathlib import Path
+
+    from mor_dist.data_pipeline.errors import DataError
+
     _setup_logging()
+    if Path(args.out).is_dir():  # refused before the training, not after it
+        raise DataError(args.out, "is a folder; give the tokenizer a file name (e.g. tokenizer.json)")
     cfg, model_vocab = _data_config(args)
     inputs = args.inputs or list(cfg.inputs)
     files = resolve_inputs(inputs) if inputs else default_corpus_files()
@@ -193,7 +199,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every shard of a prepared dataset against its manifest (sha256)")
     p.add_argument("dataset", nargs="?", help="dataset directory or URL (default: data.dataset_dir)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (with --config)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (with --config)")
     p.add_argument("--read-samples", action="store_true", help="also read and check every sample")
     _common(p)
     p.set_defaults(func=_verify)

@@ -236,7 +236,9 @@ def _jsonl_docs(path: Path, field: str, part=None) -> Iterator[tuple[str, bool]]
             raise DataError(f"{path}:{where()}", f"not valid JSON: {e}") from None
         text = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(text, str):
-            raise DataError(f"{path}:{where()}", f"no string field {field!r}")
+            keys = f" (its fields: {', '.join(list(obj)[:8])})" if isinstance(obj, dict) and obj else ""
+            raise DataError(f"{path}:{where()}", f"no string field {field!r}{keys}; name the text's field with "
+                            "--text-field (data.text_field)")
         yield text, True
 
 

@@ -64,7 +64,9 @@ class TokenDataset:
         self.split = split
         self.skip_corrupt = skip_corrupt
         if seq_len is not None and seq_len != m.seq_len:
-            raise DataError(m.path, f"seq_len mismatch: the config asks for {seq_len}, the dataset was packed with {m.seq_len}")
+            raise DataError(m.path, f"seq_len mismatch: the config asks for {seq_len}, the dataset was packed with "
+                            f"{m.seq_len}; set data.seq_len={m.seq_len}, or prepare the data again at {seq_len} "
+                            "into another data.dataset_dir")
         want = m.tokenizer["fingerprint"]
         for tok in [m.locate(m.tokenizer["file"])] + ([str(tokenizer)] if tokenizer else []):
             if _tokenizer_fingerprint(tok, self.fetch) != want:

@@ -90,8 +90,11 @@ def load_manifest(path: str | Path, policy: remote.FetchPolicy | None = None) ->
     if path.is_dir():
         path = path / MANIFEST
     if not path.is_file():
-        hint = " (run `mor data prepare` first)" if not path.parent.exists() or not any(path.parent.iterdir()) else ""
-        raise DataError(path, f"dataset manifest is missing{hint}")
+        folder = path.parent if path.name == MANIFEST else path  # a dataset folder that does not exist yet
+        empty = not folder.is_dir() or not any(folder.iterdir())
+        hint = ("run `mor data prepare --config CONFIG` with this run's config first (it writes data.dataset_dir)"
+                if empty else "point data.dataset_dir at a prepared dataset (`mor data prepare` writes one)")
+        raise DataError(path, f"dataset manifest is missing; {hint}")
     return _parse(path.resolve(), path.read_bytes().decode("utf-8", "replace"), str(path.resolve().parent))
 
 

@@ -426,7 +426,13 @@ def prepare_dataset(
     if not given_tok:
         params.update(vocab_size=vocab_size, pad_token=pad_token, tokenizer_train_bytes=tokenizer_train_bytes)
     work = out / WORK
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "is a file, not a folder; give data.dataset_dir (or -o) a folder for the shards")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(out, f"cannot be created ({e.strerror or e}); give data.dataset_dir (or -o) a folder "
+                        "you can write to") from None
     with _locked(work):
         if overwrite:
             _clear(out, keep=given_tok)

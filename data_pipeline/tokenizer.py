@@ -105,7 +105,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> str:
     """Writes atomically (temp name + rename) and returns the fingerprint of what was written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DataError(path, "is a folder; give the tokenizer a file name (e.g. tokenizer.json)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(path.parent, f"cannot be created ({e.strerror or e}); give a folder you can write to") from None
     text = tokenizer_json(tok)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

@@ -98,7 +98,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _overrides_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides (dotlist), anywhere after the config, e.g. train.steps=100")
 
 

@@ -237,6 +237,35 @@ def test_prepare_bad_inputs(tmp_path, capsys):
         assert_one_line(code, err, name)
 
 
+def _in_processes(cases, cwd) -> None:
+    """`mor` cases as separate processes, side by side (`mor train` sets up torch.distributed)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "mor_dist.cli", *map(str, argv)], cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv, _ in cases]
+    for p, (argv, name) in zip(procs, cases):
+        _, err = p.communicate(timeout=300)
+        assert_one_line(p.returncode, err, name)
+
+
+def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, capsys):
+    """A file where a folder goes (and the reverse), or a folder that cannot be created: named before
+    any work is done (they were tracebacks, the tokenizer's after training it), nothing left behind;
+    and a first start that fails leaves no run folder (it held an empty train.log and run.lock)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for argv, name in [
+        (["data", "prepare", "--config", TINY, "-o", a_file, "--no-progress"], f"{a_file}: is a file, not a folder"),
+        (["data", "tokenizer", "-o", tmp_path], f"{tmp_path}: is a folder"),
+    ]:
+        assert_one_line(*run_mor(argv, capsys), name)
+    _in_processes([
+        (["train", TINY, f"logging.run_dir={a_file}"], f"{a_file}: is a file, not a folder"),
+        (["train", TINY, f"logging.run_dir={a_file / 'sub'}"], f"{a_file / 'sub'}: cannot be created"),
+        (["train", TINY, f"logging.run_dir={tmp_path / 'run'}", f"data.dataset_dir={tmp_path / 'nodata'}"],
+         "dataset manifest is missing; run `mor data prepare --config CONFIG`"),
+    ], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_data_verify_missing_dataset(tmp_path, capsys):
     assert_one_line(*run_mor(["data", "verify", tmp_path / "nothing"], capsys), "nothing: dataset manifest")
 

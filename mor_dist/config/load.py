@@ -7,6 +7,7 @@ whole tree is valid.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 import yaml
@@ -116,8 +117,24 @@ def _merge(cfg: DictConfig, data, file: Path | None = None, override: str | None
         return OmegaConf.merge(cfg, data)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        problem = _key_problem(cfg, key) if isinstance(e, ConfigKeyError) else str(e).splitlines()[0]
+        problem = _key_problem(cfg, key) if isinstance(e, ConfigKeyError) else _type_problem(str(e).splitlines()[0])
         raise error(key, problem) from None
+
+
+_KINDS = {"Integer": ("a whole number", "e.g. 1000 (1e3 reads as a float)"), "Float": ("a number", "e.g. 3e-4"),
+          "Boolean": ("true or false", "true or false"), "String": ("text", "a quoted string")}
+
+
+def _type_problem(message: str) -> str:
+    """OmegaConf's type complaints, said with what to give instead."""
+    m = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", message)
+    if m:
+        kind, example = _KINDS.get(m.group(2), (m.group(2), m.group(2)))
+        return f"{m.group(1)!r} is not {kind}; give {example}"
+    m = re.match(r"Incompatible value '(None)' for field of type '(\w+)'", message)
+    if m:
+        return f"needs a value (of type {m.group(2)}), it cannot be empty; give one or leave the key out"
+    return message
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -140,6 +157,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{getattr(e, 'full_key', None) or '?'}: {str(e).splitlines()[0]}") from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
+    budget = "train.flops_budget" if cfg.train.flops_budget is not None else \
+        "train.tokens" if cfg.train.tokens is not None else None
+    if budget and any(item.split("=", 1)[0].strip() == "train.steps" for item in overrides or []):
+        # The budget would replace it without a word.
+        raise ConfigError(f"train.steps: given, but {budget} is set too and decides the steps; give one of them "
+                          f"({budget}=null to run train.steps)")
     apply_budget(cfg)  # train.flops_budget / train.tokens -> train.steps
     return cfg
 

@@ -29,8 +29,12 @@ def test_a_budget_buys_the_whole_steps_that_fit():
     cfg = load_config("configs/paper/360m/mor_nr3.yaml", ["train.flops_budget=16.5e18"])
     step_flops = train_flops_per_token(cfg) * 1024 * 2048
     assert cfg.train.steps * step_flops <= 16.5e18 < (cfg.train.steps + 1) * step_flops
-    cfg = load_config("configs/paper/360m/vanilla.yaml", ["train.tokens=20e9", "train.steps=5"])
+    cfg = load_config("configs/paper/360m/vanilla.yaml", ["train.tokens=20e9"])
     assert cfg.train.steps == int(20e9 // (1024 * 2048))  # a budget replaces train.steps
+    # Both on the command line: which one was meant is not guessed (the budget silently won).
+    with pytest.raises(ConfigError, match=r"^train\.steps: given, but train\.tokens is set too"):
+        load_config("configs/paper/360m/vanilla.yaml", ["train.tokens=20e9", "train.steps=5"])
+    assert load_config("configs/paper/360m/vanilla.yaml", ["train.tokens=null", "train.steps=5"]).train.steps == 5
 
 
 def test_mor_info_prints_the_steps_and_tokens_a_budget_gives(capsys):

@@ -112,3 +112,15 @@ def test_duplicate_yaml_keys_are_refused_but_merge_keys_may_be_overridden(tmp_pa
     merged = tmp_path / "merged.yaml"
     merged.write_text(f"base: {Path(TINY).resolve()}\nmodel:\n  <<: {{d_ff: 256, n_layers: 8}}\n  d_ff: 320\n")
     assert load_config(merged).model.d_ff == 320
+
+
+@pytest.mark.parametrize("override, said", [
+    ("train.steps=abc", "train.steps: 'abc' is not a whole number; give e.g. 1000"),
+    ("train.steps=1e3", "train.steps: '1000.0' is not a whole number; give e.g. 1000 (1e3 reads as a float)"),
+    ("optim.lr=fast", "optim.lr: 'fast' is not a number; give e.g. 3e-4"),
+    ("logging.run_dir=", "logging.run_dir: needs a value (of type str), it cannot be empty"),
+])
+def test_a_value_of_the_wrong_type_says_what_to_give(override, said):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny/mor.yaml", [override])
+    assert str(e.value).startswith(said), str(e.value)
