@@ -82,9 +82,10 @@ def check_config(cfg, force: bool) -> list[str]:
         return []
     diffs = config_differences(saved, OmegaConf.to_container(cfg, resolve=True))
     if diffs and not force:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise RunDirError(
-            f"{run_dir / CONFIG_FILE}: holds a run with a different config; use another logging.run_dir, or pass "
-            "--force to continue this run with the new config:\n  " + "\n  ".join(diffs)
+            f"{run_dir / CONFIG_FILE}: holds a run with a different config ({shown}); use another "
+            "logging.run_dir, or pass --force to continue this run with the new config"
         )
     return diffs
 

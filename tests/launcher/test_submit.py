@@ -142,6 +142,7 @@ def test_run_folder_of_another_config_is_refused(capsys, tmp_path):
     (tmp_path / "config.yaml").write_text("model:\n  d_model: 64\n")
     err = refused(capsys, f"logging.run_dir={tmp_path}")
     assert "holds a run with a different config" in err and "model.d_model: 64 in the run folder, 128 now" in err
+    assert err.count("\n") == 1  # one line, the differences inside it
 
 
 def test_render_quotes_for_the_reader_of_each_line():
