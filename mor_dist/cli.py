@@ -71,7 +71,7 @@ def _train(args) -> int:
 def _export(args) -> int:
     from mor_dist.training.export import export
 
-    path = export(args.run_dir, args.out, args.step, hf=args.hf)
+    path = export(args.run_dir, args.out, args.step, hf=args.hf, tokenizer=args.tokenizer)
     print(path)
     return 0
 
@@ -141,6 +141,8 @@ def add_export_parser(sub) -> None:
     p.add_argument("run_dir", help="run folder (logging.run_dir of the run)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--step", type=flag_type(">= 0"), help="checkpoint step (default: latest)")
+    p.add_argument("--tokenizer", help="the tokenizer.json to ship (default: the run's dataset's, found where "
+                   "the run read it)")
     p.add_argument("--hf", action="store_true",
                    help="also a Hugging Face model folder (config.json, modeling code, tokenizer files) for "
                    "AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)")

@@ -1,11 +1,15 @@
 """`mor eval`: lm-evaluation-harness on a run's model, through its Hugging Face export.
 
-The model is evaluated as any Hugging Face model is: lm-eval's own `hf` model class loads the export
-folder with trust_remote_code (mor_dist/hf/modeling_mor.py: causal routing, the decisions inference
-makes), so `mor eval` and a plain `lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True`
-score the same thing. A run folder is exported first (its latest checkpoint, or --step) into
-RUN/eval/hf_export/. Results: the harness's table on stdout, a JSON file under FOLDER/eval/, and
-for a run folder the TensorBoard scalars eval/<task>/<metric> at the checkpoint's step.
+The model is evaluated as any Hugging Face model is, by lm-eval's own `hf` model class, but built
+from this installation's code (mor_dist/hf/loading.py: MoRForCausalLM of mor_dist/hf/modeling_mor.py,
+causal routing, the decisions inference makes) and handed to the harness as an object. No code that
+lies in the folder runs: of an export folder only config.yaml, model.safetensors and tokenizer.json
+are read (its modeling_mor.py, configuration_mor.py and config.json's auto_map are not looked at), so
+a folder someone else could write to cannot make `mor eval` run their code. The scores are those of
+`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True` on a folder `mor export --hf`
+wrote. A run folder is exported first (its latest checkpoint, or --step) into RUN/eval/hf_export/.
+Results: the harness's table on stdout, a JSON file under FOLDER/eval/, and for a run folder the
+TensorBoard scalars eval/<task>/<metric> at the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -45,10 +49,8 @@ def folder_kind(path: str | Path) -> str:
 
 
 def model_folder(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
-    """(Hugging Face folder to load, checkpoint step or None). A run folder is exported, with the HF
-    files, into RUN/eval/hf_export/; an export folder without the HF files gets them."""
-    from mor_dist.config import load_config
-    from mor_dist.hf.export import HF_FILES, write_hf_files
+    """(export folder to load, checkpoint step or None). A run folder is exported, with the HF files,
+    into RUN/eval/hf_export/; an export folder is used as it is (nothing is written into it)."""
     from mor_dist.training.export import export
 
     path = Path(path)
@@ -58,18 +60,18 @@ def model_folder(path: str | Path, step: int | None = None) -> tuple[Path, int |
         return out, json.loads((out / "export.json").read_text())["step"]
     if step is not None:
         raise ConfigError(f"--step: {path} is an export folder (one step); drop --step, or give the run folder")
-    needed = HF_FILES + (("tokenizer_config.json",) if (path / "tokenizer.json").is_file() else ())
-    if not all((path / f).is_file() for f in needed):
-        write_hf_files(path, load_config(path / "config.yaml"))
-        log.info("added the Hugging Face files to %s", path)
     meta = path / "export.json"
-    return path, (json.loads(meta.read_text()).get("step") if meta.is_file() else None)
+    try:
+        step = json.loads(meta.read_text()).get("step") if meta.is_file() else None
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        step = None  # informational only: the weights and config are what is scored
+    return path, step
 
 
 def _check_tokenizer(hf_dir: Path) -> None:
     if not (hf_dir / "tokenizer.json").is_file():
-        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: missing, and the harness needs the tokenizer; export a "
-                              "run whose dataset has one (data.dataset_dir/tokenizer.json or data.tokenizer)")
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: missing, and the harness needs the tokenizer; copy the "
+                              "run's tokenizer.json there, or export the run again (`mor export` ships it)")
 
 
 def task_manager(tasks: list[str], include_paths: list[str]):
@@ -101,7 +103,10 @@ def evaluate(path: str | Path, tasks: list[str], limit: int | None = None, num_f
     _require_harness()
     import torch
     from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable, make_table
+
+    from mor_dist.hf.loading import load_hf
 
     if not tasks:
         raise ConfigError("--tasks: empty; name at least one task, e.g. --tasks hellaswag,piqa")
@@ -115,11 +120,18 @@ def evaluate(path: str | Path, tasks: list[str], limit: int | None = None, num_f
     hf_dir, ckpt_step = model_folder(path, step)
     _check_tokenizer(hf_dir)
     out_dir = Path(path)
-    model_args = {"pretrained": str(hf_dir), "trust_remote_code": True, "dtype": "float32"}
+    # The model object from this package's classes: the harness never imports code from the folder.
+    model, tokenizer = load_hf(hf_dir, device)
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)  # not its warnings that a model object skips its loading: that is the point
     try:
-        results = simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks), num_fewshot=num_fewshot,
-                                  limit=limit, batch_size=batch_size, device=device, task_manager=tm,
-                                  log_samples=log_samples)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    finally:
+        hf_log.setLevel(level)
+    try:
+        results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=tm, log_samples=log_samples)
     except OSError as e:
         # The model is local: a network error, or a datasets/hub error, is the tasks' data.
         hub = type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub")

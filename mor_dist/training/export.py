@@ -1,9 +1,13 @@
-"""`mor export`: one consolidated safetensors file plus the config, for inference and evaluation."""
+"""`mor export`: one consolidated safetensors file plus the config and the run's tokenizer, for
+inference and evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -14,17 +18,65 @@ from mor_dist.checkpoint.safe_load import guarded_loads, safe_load
 log = logging.getLogger("mor.export")
 
 
+@contextlib.contextmanager
+def deepspeed_output_to_stderr():
+    """DeepSpeed's readers print progress ("Processing zero checkpoint ...") and log through a
+    handler on stdout (the accelerator warning of its first import among them). stdout is the
+    result of `mor generate --ids` and `mor serve-bench`, so for the duration both go to stderr;
+    afterwards its handlers write where they would have without this."""
+    stdout = sys.stdout
+    before = {}
+    if "deepspeed.utils.logging" in sys.modules:
+        before = {id(h): h.stream for h in sys.modules["deepspeed.utils.logging"].logger.handlers
+                  if isinstance(h, logging.StreamHandler)}
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils.logging import logger  # a first import makes its handler on the redirected stdout
+
+        handlers = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+        for h in handlers:
+            h.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed
+        try:
+            yield
+        finally:
+            for h in handlers:
+                h.stream = before.get(id(h), stdout)
+
+
 def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, dict, Path]:
     """fp32 model state of a checkpoint of any layout (tensor/pipeline shards merged by
     merge_shards.py; ZeRO-3 with tensor parallelism through the universal copy), its meta.json, and
     its folder."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     mgr = CheckpointManager(run_dir, keep_last=1)
     folder = mgr.latest() if step is None else mgr.root / mgr.step_name(step)
     if folder is None or not folder.is_dir():
         raise CheckpointError(f"{mgr.root}: no checkpoint {'latest' if step is None else step}; "
                               f"train the run first, or pick one of {[p.name for p in mgr.step_folders()]}")
+    try:
+        with deepspeed_output_to_stderr():
+            state, meta = _read_checkpoint(mgr, folder)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{_older_steps_hint(mgr, folder) if step is None else ''}") from None
+    return state, meta, folder
+
+
+def _older_steps_hint(mgr: CheckpointManager, folder: Path) -> str:
+    """'; ... --step N ...' naming the checkpoints older than the latest one, which failed to read."""
+    from mor_dist.checkpoint.store import step_of
+
+    try:
+        latest = step_of(folder)
+        older = [step_of(p) for p in mgr.step_folders() if step_of(p) < latest]
+    except (ValueError, IndexError):
+        return ""
+    if not older:
+        return ""
+    return (f"; an older checkpoint may be intact: pass --step N to use it "
+            f"(this run also has step{'s' if len(older) > 1 else ''} {', '.join(map(str, older))})")
+
+
+def _read_checkpoint(mgr: CheckpointManager, folder: Path) -> tuple[dict, dict]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     meta = mgr.verify(folder)  # every byte against its sha256 before anything is read
     par = meta.get("config", {}).get("parallel", {})
     tp, pp = par.get("tensor", 1), par.get("pipeline", 1)
@@ -36,11 +88,11 @@ def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, di
 
         out = folder.parent.parent / "universal" / folder.name
         ensure_universal(folder, meta, out, "for export")
-        return read_model_state(out), meta, folder
+        return read_model_state(out), meta
     if tp > 1 or pp > 1:
         from mor_dist.training.merge_shards import merge_parallel
 
-        return merge_parallel(folder, tp, pp), meta, folder
+        return merge_parallel(folder, tp, pp), meta
     with guarded_loads():  # DeepSpeed's reader calls torch.load itself
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     # Buffers that carry routing state (warmup counters, loss-free bias) sit beside the parameters.
@@ -50,37 +102,151 @@ def consolidated_state(run_dir: Path, step: int | None = None) -> tuple[dict, di
         for name in saved.get("buffer_names", []):
             if name in saved["module"]:
                 state[name] = saved["module"][name].float() if saved["module"][name].is_floating_point() else saved["module"][name]
-    return state, meta, folder
+    return state, meta
 
 
-def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, hf: bool = False) -> Path:
-    """hf: also the Hugging Face files (mor_dist/hf/export.py), for AutoModelForCausalLM."""
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse, before anything is read, an output path that is (or lies under) a file."""
+    from mor_dist.config import ConfigError
+
+    for p in (out_dir, *out_dir.parents):
+        if p.exists() or p.is_symlink():
+            if p.is_dir():
+                return
+            what = "is a file, not a folder" if p == out_dir else f"lies under {p}, which is a file"
+            if not p.exists():
+                what = "is a broken symbolic link" if p == out_dir else f"lies under {p}, a broken symbolic link"
+            raise ConfigError(f"{out_dir}: {what}; give -o a new or existing folder (the export writes "
+                              "model.safetensors, config.yaml and tokenizer.json into it)")
+
+
+def training_dirs(cfg, run_dir: Path, workdir: str | None = None) -> list[Path]:
+    """The folders a run's relative data paths may be relative to, most likely first: the folder
+    `mor train` ran in (recorded in each checkpoint's meta.json as `workdir`; for older checkpoints,
+    the run folder's path without logging.run_dir, when that was relative), the current folder,
+    then the run folder's parents."""
+    run = Path(os.path.abspath(run_dir))
+    dirs: list[Path] = [Path(workdir)] if workdir else []
+    recorded = Path(os.path.normpath(str(cfg.logging.run_dir))) if cfg.logging.run_dir else None
+    if recorded is not None and not recorded.is_absolute() and ".." not in recorded.parts:
+        for candidate in (run, Path(os.path.realpath(run))):
+            n = len(recorded.parts)  # 0 for ".": training ran in the run folder itself
+            if n == 0:
+                dirs.append(candidate)
+            elif candidate.parts[-n:] == recorded.parts and len(candidate.parts) > n:
+                dirs.append(candidate.parents[n - 1])
+    dirs.append(Path.cwd())
+    dirs.extend(run.parents)
+    return list(dict.fromkeys(dirs))
+
+
+def _rebase(loc: str, base: Path) -> str:
+    from mor_dist.data_pipeline import remote
+
+    path = remote.local_path(loc)
+    if path is None or path.is_absolute() or remote.scheme(loc):
+        return loc  # a URL, a pipe: command or an absolute path is where it is
+    return str(base / path)
+
+
+def find_tokenizer(cfg, run_dir: Path, workdir: str | None = None) -> tuple[bytes | None, str | None, list[str]]:
+    """(the tokenizer file the run trained with, where it was found, where it was looked for).
+
+    data.tokenizer, else the tokenizer beside the dataset's manifest (the first source of a mixture);
+    a relative path is tried against each of training_dirs(). (None, None, tried) when not found."""
+    from mor_dist.data_pipeline import remote
+    from mor_dist.data_pipeline.errors import DataError
+    from mor_dist.data_pipeline.loader import config_sources
+    from mor_dist.data_pipeline.manifest import load_manifest
+
+    data = cfg.data
+    policy = remote.FetchPolicy(data.fetch_retries, data.fetch_backoff_s)
+    tried: list[str] = []
+    for base in training_dirs(cfg, run_dir, workdir):
+        if data.tokenizer:
+            loc = _rebase(str(data.tokenizer), base)
+        else:
+            source = _rebase(config_sources(data)[0][0], base)
+            try:
+                m = load_manifest(source, policy)
+            except DataError:
+                if remote.local_path(source) is None:  # a URL is the same from every folder: asked once
+                    return None, None, [*tried, source]
+                if remote.join(source, "tokenizer.json") not in tried:
+                    tried.append(remote.join(source, "tokenizer.json"))
+                continue
+            loc = m.locate(m.tokenizer["file"])
+            size = m.tokenizer.get("vocab_size")
+            if size is not None and size != cfg.model.vocab_size:  # another dataset: not the one the run read
+                note = f"{loc} (a dataset of {size} tokens, not model.vocab_size {cfg.model.vocab_size})"
+                if note not in tried:
+                    tried.append(note)
+                continue
+        if loc in tried:
+            continue
+        tried.append(loc)
+        path = remote.local_path(loc)
+        if path is None:
+            try:
+                return remote.read_text(loc, policy, "tokenizer").encode("utf-8"), loc, tried
+            except DataError:
+                return None, None, tried
+        if path.is_file():
+            return path.read_bytes(), str(path), tried
+    return None, None, tried
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, hf: bool = False,
+           tokenizer: str | Path | None = None) -> Path:
+    """hf: also the Hugging Face files (mor_dist/hf/export.py), for AutoModelForCausalLM. tokenizer:
+    the tokenizer file to ship (default: the run's, found as the run found it; not found is an error)."""
     from safetensors.torch import save_file
 
     from mor_dist.config import load_config
     from mor_dist.model import build_model
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_out_dir(out_dir)  # before the checkpoint is read: a mistake costs nothing
     cfg = load_config(run_dir / "config.yaml")
+    if tokenizer is not None:
+        if not Path(tokenizer).is_file():
+            raise CheckpointError(f"{tokenizer}: no such tokenizer file; give the tokenizer.json the run trained with")
+        tok_bytes = Path(tokenizer).read_bytes()
     state, meta, folder = consolidated_state(run_dir, step)
+    if tokenizer is None:
+        tok_bytes, _, tried = find_tokenizer(cfg, run_dir, meta.get("workdir"))
+        if tok_bytes is None:  # the weights still export (a purged scratch dataset must not hold them hostage)
+            from mor_dist.data_pipeline.loader import config_sources
+
+            wanted = cfg.data.tokenizer or f"{config_sources(cfg.data)[0][0]}/tokenizer.json"
+            log.warning("the run's tokenizer (%s) is not at %s%s: exporting without tokenizer.json (generate and "
+                        "eval then take token ids only); give it with --tokenizer PATH", wanted,
+                        ", ".join(tried[:4]), " ..." if len(tried) > 4 else "")
     with torch.device("meta"):
         model = build_model(cfg)
     check_fits(state, model, f"{folder} does not match the model of {run_dir / 'config.yaml'}")
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(out_dir / "model.safetensors"),
+    weights = out_dir / "model.safetensors"
+    save_file(tensors, str(weights),
               metadata={"step": str(meta["step"]), "tokens_seen": str(meta["tokens_seen"]), "source": str(folder)})
+    os.chmod(weights, 0o666 & ~_umask())  # save_file makes it 0600; the other files follow the umask
     (out_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text())
-    tok = Path(cfg.data.tokenizer or Path(cfg.data.dataset_dir) / "tokenizer.json")
-    if tok.is_file():
-        (out_dir / "tokenizer.json").write_bytes(tok.read_bytes())
+    if tok_bytes is not None:
+        (out_dir / "tokenizer.json").write_bytes(tok_bytes)
     (out_dir / "export.json").write_text(json.dumps({"step": meta["step"], "source": str(folder)}, indent=1))
     if hf:
         from mor_dist.hf.export import write_hf_files
 
         write_hf_files(out_dir, cfg)
     log.info("exported step %d of %s to %s", meta["step"], run_dir, out_dir)
-    return out_dir / "model.safetensors"
+    return weights
 
 
 def check_fits(state: dict, model, what: str) -> None:
@@ -131,3 +297,23 @@ def read_safetensors(path: Path) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); export the run again") from None
+
+
+def check_export(folder: str | Path, cfg) -> None:
+    """The names and shapes of an export's model.safetensors (its header only: nothing is loaded)
+    against the model cfg describes; CheckpointError naming the file otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    from mor_dist.model import build_model
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; export a run with `mor export RUN_DIR -o {path.parent}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); export the run again") from None
+    with torch.device("meta"):
+        model = build_model(cfg)
+    check_fits(shapes, model, f"{path}: does not fit {Path(folder) / 'config.yaml'}")

@@ -143,8 +143,9 @@ def _make_run_dir(run_dir: Path) -> bool:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RunDirError(f"{run_dir}: cannot be created ({e.strerror or e}); give logging.run_dir a folder "
-                          "you can write to") from None
+        what = (e.strerror or str(e))[:1].lower() + (e.strerror or str(e))[1:]
+        raise RunDirError(f"{run_dir}: cannot be created ({what}); give logging.run_dir a folder you can "
+                          "write to") from None
     return not existed
 
 

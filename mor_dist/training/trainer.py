@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 
@@ -97,6 +98,7 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "data_parallel_size": self.dims.dp,
             "bf16": uses_bf16(self.cfg),  # part of the layout (training/reshard.py)
+            "workdir": os.getcwd(),  # what relative data paths in the config are relative to (export)
             "reshardable": True,  # save_engine records the name map a tensor/pipeline change needs
             # The resolved config travels with every checkpoint (the lr schedule is a pure function of
             # the step and this config, so it needs no state of its own).

@@ -74,7 +74,7 @@ def test_few_shot_loglikelihoods_are_the_models(trained_run, tmp_path):
     from mor_dist.evaluation.harness import evaluate
 
     export = tmp_path / "export"
-    assert main(["export", str(trained_run), "-o", str(export)]) == 0  # no --hf: `mor eval` adds the files
+    assert main(["export", str(trained_run), "-o", str(export)]) == 0  # no --hf: `mor eval` does not need them
     model, tok = load_for_inference(export)
     lines = "".join(inspect.getsource(m) for m in (json.decoder, json.encoder, textwrap)).split("\n")
     passages = ["\n".join(lines[i:i + 12]) for i in range(0, len(lines), 12)]  # real code, 12 lines each
@@ -91,7 +91,7 @@ def test_few_shot_loglikelihoods_are_the_models(trained_run, tmp_path):
         assert got == pytest.approx(want, abs=1e-4)
         correct.append(max(range(len(want)), key=want.__getitem__) == s["target"])
     assert results["results"]["mor_lines"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
-    assert (export / "config.json").is_file() and results["mor"]["step"] == 5
+    assert not (export / "config.json").exists() and results["mor"]["step"] == 5  # nothing added to the folder
 
 
 def test_mistakes_are_one_line(tmp_path, capsys):
@@ -125,3 +125,40 @@ def test_task_data_out_of_reach_is_one_line(tmp_path, capsys):
     last = capsys.readouterr().err.strip().split("\n")[-1]  # after the loader's progress bar
     assert last.startswith("mor: --tasks: the data of hub_task could not be loaded (Couldn't reach"), last
 
+
+
+def test_code_in_the_export_folder_never_runs(tmp_path, capsys):
+    """An export folder is data: Python put into its modeling/configuration files, or any .py its
+    config.json's auto_map (or tokenizer_config.json's) names, is never imported by `mor eval`, which
+    scores the model this installation's code builds from config.yaml and model.safetensors."""
+    from mor_dist.data_pipeline.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(["def f(x):\n    return x\n" * 50], 300), tmp_path / "tok.json")
+    export = tmp_path / "export"
+    model, _ = export_folder(export, "expert", tokenizer=tmp_path / "tok.json")
+    marks = {name: tmp_path / f"PWNED_{name}" for name in ("modeling", "configuration", "auto_map", "tokenizer")}
+
+    def touch(name):
+        return f"\nimport pathlib; pathlib.Path({str(marks[name])!r}).touch()\n"
+
+    for name in ("modeling", "configuration"):
+        with open(export / f"{name}_mor.py", "a") as f:
+            f.write(touch(name))
+    (export / "evil_config.py").write_text(touch("auto_map") + "from .configuration_mor import MoRConfig\n")
+    (export / "evil_tok.py").write_text(touch("tokenizer") + "from transformers import PreTrainedTokenizerFast\n")
+    config = json.loads((export / "config.json").read_text())
+    config["auto_map"]["AutoConfig"] = "evil_config.MoRConfig"
+    (export / "config.json").write_text(json.dumps(config))
+    tok_config = json.loads((export / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": [None, "evil_tok.PreTrainedTokenizerFast"]}
+    (export / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+
+    docs = [{"query": "def f(x", "choices": ["):", " +"], "gold": 0}] * 2
+    write_mc_task(tmp_path / "tasks", "mor_safe", docs, docs[:1])
+    assert main(["eval", str(export), "--tasks", "mor_safe", "--include-path", str(tmp_path / "tasks"),
+                 "--limit", "2", "--device", "cpu"]) == 0
+    assert "|mor_safe|" in capsys.readouterr().out
+    assert not [m.name for m in marks.values() if m.exists()]
+    # Nothing is written into the folder (the Hugging Face files are made in a private temporary one).
+    assert {p.name: p.read_bytes() for p in export.iterdir() if p.name != "eval"} == before

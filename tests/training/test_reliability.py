@@ -160,6 +160,9 @@ def test_crafted_pickles_and_damaged_files_are_refused_by_name(tiny_dataset, tmp
     victim.write_bytes(bytes(data))
     line = one_line_error(run_mor(["export", str(run), "-o", str(tmp_path / "export")]))
     assert line.startswith(f"mor: {victim}: contents differ from the sha256"), line
+    assert line.endswith("; an older checkpoint may be intact: pass --step N to use it (this run also has step 2)"), line
+    r = run_mor(["export", str(run), "-o", str(tmp_path / "export"), "--step", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
     r = train(tiny_dataset, run, train__steps=6, checkpoint__interval=2)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"not resuming from a damaged checkpoint: {victim}: contents differ" in r.stdout
