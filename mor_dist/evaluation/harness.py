@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from pathlib import Path
 
 from mor_dist.checkpoint import CheckpointError
@@ -132,6 +133,15 @@ def evaluate(path: str | Path, tasks: list[str], limit: int | None = None, num_f
     try:
         results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=tm, log_samples=log_samples)
+    except AssertionError as e:
+        # lm-eval's sanity checks of a request's tokens: a task mistake, not a crash of ours.
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        if "lm_eval" not in last.filename or "_enc" not in (last.line or ""):
+            raise
+        raise ConfigError(f"--tasks: a request of {', '.join(tasks)} fails lm-eval's check `{last.line}`: its "
+                          "context or continuation encodes to no tokens (or too many) with this model's tokenizer, "
+                          "e.g. a choice the tokenizer merges into the prompt's last token; give the task a "
+                          "target_delimiter (such as a space) or choices that stand as tokens of their own") from None
     except OSError as e:
         # The model is local: a network error, or a datasets/hub error, is the tasks' data.
         hub = type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub")

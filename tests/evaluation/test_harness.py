@@ -162,3 +162,21 @@ def test_code_in_the_export_folder_never_runs(tmp_path, capsys):
     assert not [m.name for m in marks.values() if m.exists()]
     # Nothing is written into the folder (the Hugging Face files are made in a private temporary one).
     assert {p.name: p.read_bytes() for p in export.iterdir() if p.name != "eval"} == before
+
+
+def test_a_request_lm_eval_refuses_is_one_line(tmp_path, capsys):
+    """A choice the tokenizer merges into the prompt's last token encodes to no tokens of its own, which
+    trips lm-eval's sanity assert (a traceback before)."""
+    from mor_dist.data_pipeline.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(["def f(x):\n    return x\n" * 50], 300), tmp_path / "tok.json")
+    export_folder(tmp_path / "export", "vanilla", tokenizer=tmp_path / "tok.json")
+    docs = [{"query": "de", "choices": ["f", " +"], "gold": 0}]  # "de" + "f" is the one token "def"
+    write_mc_task(tmp_path / "tasks", "mor_empty", docs, docs)
+    assert main(["eval", str(tmp_path / "export"), "--tasks", "mor_empty", "--include-path", str(tmp_path / "tasks"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    # Among the harness's progress bars (the last one leaves its line open).
+    said = [line[line.index("mor: "):] for line in err.replace("\r", "\n").split("\n") if "mor: " in line]
+    assert len(said) == 1 and "Traceback" not in err, err
+    assert said[0].startswith("mor: --tasks: a request of mor_empty fails lm-eval's check `assert len(continuation_enc)")
