@@ -71,8 +71,9 @@ def model_folder(path: str | Path, step: int | None = None) -> tuple[Path, int |
 
 def _check_tokenizer(hf_dir: Path) -> None:
     if not (hf_dir / "tokenizer.json").is_file():
-        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: missing, and the harness needs the tokenizer; copy the "
-                              "run's tokenizer.json there, or export the run again (`mor export` ships it)")
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: missing, and the harness needs the tokenizer; export "
+                              "the run with it (`mor export RUN -o OUT --tokenizer PATH`, then `mor eval OUT`), or copy "
+                              "the run's tokenizer.json there")
 
 
 def task_manager(tasks: list[str], include_paths: list[str]):

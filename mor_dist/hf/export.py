@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from mor_dist.checkpoint import CheckpointError
+from mor_dist.run_folder.files import replacing
 
 TEMPLATES = ("configuration_mor.py", "modeling_mor.py")
 HF_FILES = ("config.json", *TEMPLATES)
@@ -105,9 +106,11 @@ def write_hf_files(out_dir: str | Path, cfg) -> Path:
     _write_json(out / "generation_config.json", gen)
     here = Path(__file__).parent
     for name in TEMPLATES:
-        shutil.copyfile(here / name, out / name)
+        with replacing(out / name) as tmp:
+            shutil.copyfile(here / name, tmp)
     return out / "config.json"
 
 
 def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    with replacing(path) as tmp:  # a link planted at `path` is replaced, not written through
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -28,14 +28,7 @@ def load_for_inference(path: str | Path, step: int | None = None):
         model.eval()
         # The dataset's tokenizer, found as the run found it (a relative data path is relative to the
         # folder `mor train` ran in, not to this one).
-        text, found, _ = find_tokenizer(cfg, path, meta.get("workdir"))
-        if found is not None and not Path(found).is_file():  # at a URL
-            from tokenizers import Tokenizer
-
-            try:
-                return model, Tokenizer.from_str(text.decode("utf-8"))
-            except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for malformed files
-                raise CheckpointError(f"{found}: not a tokenizers JSON file ({e})") from None
+        _, found, _ = find_tokenizer(cfg, path, meta)
         tok_path = Path(found) if found is not None else None  # not found: token ids only
     else:
         raise CheckpointError(f"{path} is neither an export folder (model.safetensors + config.yaml) nor a run "

@@ -166,8 +166,9 @@ class PipelineTrainModule:
         flag = torch.tensor([float(getattr(self.engine.optimizer, "overflow", False))], device=comm_device())
         if self.guard is not None and self.guard.found is not None:
             flag = torch.maximum(flag, self.guard.found.reshape(1).to(flag.device))
-        # DeepSpeed agrees on overflow over data- and tensor-parallel ranks, not over stages: every
-        # rank must report the same step (this path syncs for its metrics already).
+        # Every rank must report the same step. DeepSpeed's check spans the stages (the grid's
+        # model-parallel group), the guard's the world; this all-reduce keeps that true whichever
+        # optimizer stepped, at one scalar (this path syncs for its metrics already).
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         skipped = bool(flag.item())
         if skipped:

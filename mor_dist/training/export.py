@@ -14,6 +14,7 @@ import torch
 
 from mor_dist.checkpoint import CheckpointError, CheckpointManager
 from mor_dist.checkpoint.safe_load import guarded_loads, safe_load
+from mor_dist.run_folder.files import replacing
 
 log = logging.getLogger("mor.export")
 
@@ -149,57 +150,53 @@ def _rebase(loc: str, base: Path) -> str:
     return str(base / path)
 
 
-def find_tokenizer(cfg, run_dir: Path, workdir: str | None = None) -> tuple[bytes | None, str | None, list[str]]:
+def find_tokenizer(cfg, run_dir: Path, meta: dict | None = None) -> tuple[bytes | None, str | None, list[str]]:
     """(the tokenizer file the run trained with, where it was found, where it was looked for).
 
     data.tokenizer, else the tokenizer beside the dataset's manifest (the first source of a mixture);
-    a relative path is tried against each of training_dirs(). (None, None, tried) when not found."""
+    a relative path is tried against each of training_dirs() (meta: the checkpoint's meta.json, with
+    the folder training ran in). A dataset found there must be the one the run read (its fingerprint
+    in meta's loader state), not another of the same vocabulary. Local paths only: a location in
+    object storage or a `pipe:` command is not fetched or run for a lookup (a config.yaml is data;
+    --tokenizer gives such a tokenizer). (None, None, tried) when not found."""
     from mor_dist.data_pipeline import remote
     from mor_dist.data_pipeline.errors import DataError
     from mor_dist.data_pipeline.loader import config_sources
     from mor_dist.data_pipeline.manifest import load_manifest
 
+    meta = meta or {}
     data = cfg.data
-    policy = remote.FetchPolicy(data.fetch_retries, data.fetch_backoff_s)
+    sources = (meta.get("loader") or {}).get("sources") or []
+    read = sources[0].get("fingerprint") if sources and isinstance(sources[0], dict) else None
     tried: list[str] = []
-    for base in training_dirs(cfg, run_dir, workdir):
+    for base in training_dirs(cfg, run_dir, meta.get("workdir")):
         if data.tokenizer:
             loc = _rebase(str(data.tokenizer), base)
         else:
             source = _rebase(config_sources(data)[0][0], base)
+            if remote.local_path(source) is None:  # the same from every folder
+                return None, None, [*tried, f"{source} (not a local path: not fetched)"]
             try:
-                m = load_manifest(source, policy)
+                m = load_manifest(source)
             except DataError:
-                if remote.local_path(source) is None:  # a URL is the same from every folder: asked once
-                    return None, None, [*tried, source]
                 if remote.join(source, "tokenizer.json") not in tried:
                     tried.append(remote.join(source, "tokenizer.json"))
                 continue
             loc = m.locate(m.tokenizer["file"])
-            size = m.tokenizer.get("vocab_size")
-            if size is not None and size != cfg.model.vocab_size:  # another dataset: not the one the run read
-                note = f"{loc} (a dataset of {size} tokens, not model.vocab_size {cfg.model.vocab_size})"
+            if read is not None and m.fingerprint("train") != read:  # another dataset than the run read
+                note = f"{loc} (another dataset than the run's)"
                 if note not in tried:
                     tried.append(note)
                 continue
-        if loc in tried:
-            continue
-        tried.append(loc)
         path = remote.local_path(loc)
         if path is None:
-            try:
-                return remote.read_text(loc, policy, "tokenizer").encode("utf-8"), loc, tried
-            except DataError:
-                return None, None, tried
+            return None, None, [*tried, f"{loc} (not a local path: not fetched)"]
+        if str(path) in tried:
+            continue
+        tried.append(str(path))
         if path.is_file():
             return path.read_bytes(), str(path), tried
     return None, None, tried
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, hf: bool = False,
@@ -220,7 +217,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, hf
         tok_bytes = Path(tokenizer).read_bytes()
     state, meta, folder = consolidated_state(run_dir, step)
     if tokenizer is None:
-        tok_bytes, _, tried = find_tokenizer(cfg, run_dir, meta.get("workdir"))
+        tok_bytes, _, tried = find_tokenizer(cfg, run_dir, meta)
         if tok_bytes is None:  # the weights still export (a purged scratch dataset must not hold them hostage)
             from mor_dist.data_pipeline.loader import config_sources
 
@@ -234,13 +231,16 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, hf
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     weights = out_dir / "model.safetensors"
-    save_file(tensors, str(weights),
-              metadata={"step": str(meta["step"]), "tokens_seen": str(meta["tokens_seen"]), "source": str(folder)})
-    os.chmod(weights, 0o666 & ~_umask())  # save_file makes it 0600; the other files follow the umask
-    (out_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    with replacing(weights) as tmp:
+        save_file(tensors, str(tmp),
+                  metadata={"step": str(meta["step"]), "tokens_seen": str(meta["tokens_seen"]), "source": str(folder)})
+    with replacing(out_dir / "config.yaml") as tmp:
+        tmp.write_text((run_dir / "config.yaml").read_text())
     if tok_bytes is not None:
-        (out_dir / "tokenizer.json").write_bytes(tok_bytes)
-    (out_dir / "export.json").write_text(json.dumps({"step": meta["step"], "source": str(folder)}, indent=1))
+        with replacing(out_dir / "tokenizer.json") as tmp:
+            tmp.write_bytes(tok_bytes)
+    with replacing(out_dir / "export.json") as tmp:
+        tmp.write_text(json.dumps({"step": meta["step"], "source": str(folder)}, indent=1))
     if hf:
         from mor_dist.hf.export import write_hf_files
 

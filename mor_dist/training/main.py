@@ -127,9 +127,11 @@ def train(cfg, force: bool = False) -> int:
         shutdown_distributed(dims)
         return code
     finally:
-        lock.release()
-        if created and not started and dims.rank == 0:
+        # Only by the start that holds the folder's lock, while it holds it: a second start racing for
+        # the same new folder must not remove the first one's lock and log.
+        if created and not started and lock.held:
             _remove_new_run_dir(run_dir)
+        lock.release()
 
 
 def _make_run_dir(run_dir: Path) -> bool:
@@ -170,7 +172,7 @@ def dry_run(cfg, force: bool = False) -> int:
     from mor_dist.model.accounting import model_info
     from mor_dist.parallel.plan import OVERHEAD_FRACTION, estimate
     from mor_dist.run_folder import check_config
-    from mor_dist.training.reshard import check_resume_fits
+    from mor_dist.training.reshard import check_model_shape, check_resume_fits
     from mor_dist.training.trainer import grad_accum_steps
 
     p, t = cfg.parallel, cfg.train
@@ -188,8 +190,10 @@ def dry_run(cfg, force: bool = False) -> int:
     latest, resume_from, skipped = mgr.latest_name(), None, []
     if cfg.checkpoint.resume:
         resume_from, meta, skipped = mgr.resolve_resume()
-        if resume_from is not None:
+        if resume_from is not None and "WORLD_SIZE" in os.environ:  # under the launcher: the world is known
             check_resume_fits(resume_from, meta, cfg, SimpleNamespace(tp=p.tensor, pp=p.pipeline, dp=dp, rank=0))
+        elif resume_from is not None:  # a login node: the data-parallel size and the GPU's precision come at start
+            check_model_shape(resume_from, meta, cfg)
 
     info = model_info(cfg)
     lay, params = info["layout"], info["params"]
@@ -209,7 +213,9 @@ def dry_run(cfg, force: bool = False) -> int:
           f"tokenizer of {tokenizer.get_vocab_size()} tokens; validation "
           + ("split found" if val else "off" if not t.eval_interval else "split MISSING: no evaluation"))
     if resume_from is not None:
-        folder = f"resumes from checkpoints/{resume_from.name}" + "".join(f"\n  skipped: {why}" for why in skipped)
+        checked = "" if "WORLD_SIZE" in os.environ else " (its layout is checked at start, where the world is known)"
+        folder = f"resumes from checkpoints/{resume_from.name}{checked}" + "".join(
+            f"\n  skipped: {why}" for why in skipped)
     else:
         folder = "new run (earlier checkpoints set aside)" if latest or skipped else "new run"
     forced = f"; --force: {len(changes)} config change(s)" if changes else ""

@@ -30,17 +30,20 @@ CONVERSION_TIMEOUT = timedelta(hours=3)  # how long the other ranks wait for ran
 
 
 def saved_layout(meta: dict, folder: Path | None = None) -> dict:
-    """The layout a checkpoint was saved at, from its meta.json. The training precision belongs to it:
-    DeepSpeed's bf16 optimizer writes other files than its fp32 ones (train.dtype=auto means fp32 on
-    a CPU, bf16 on a GPU: the same config moved between them changes it). Checkpoints from before
-    meta.json recorded it are told by their files."""
+    """The layout a checkpoint was saved at, from its meta.json. The training precision belongs to it
+    where it names the optimizer's files (DeepSpeed's bf16 optimizer writes bf16_zero_* files;
+    train.dtype=auto means fp32 on a CPU, bf16 on a GPU: the same config moved between them changes
+    it). Checkpoints from before meta.json recorded it are told by their optimizer files; None when
+    they have none (a plain torch optimizer at ZeRO stage 0)."""
     par = meta.get("config", {}).get("parallel", {})
     tp, pp = par.get("tensor", 1), par.get("pipeline", 1)
     dp = meta.get("data_parallel_size", meta["world_size"] // (tp * pp))
     bf16 = meta.get("bf16")
-    if bf16 is None:
-        bf16 = folder is not None and any(Path(folder).glob("bf16_*optim_states.pt"))
-    return {"tensor": tp, "pipeline": pp, "data": dp, "zero_stage": par.get("zero_stage", 1), "bf16": bool(bf16)}
+    if bf16 is None and folder is not None:
+        files = [f.name for f in Path(folder).glob("*optim_states.pt")]
+        bf16 = any(f.startswith("bf16_") for f in files) if files else None
+    return {"tensor": tp, "pipeline": pp, "data": dp, "zero_stage": par.get("zero_stage", 1),
+            "bf16": None if bf16 is None else bool(bf16)}
 
 
 def run_layout(cfg, dims) -> dict:
@@ -50,25 +53,43 @@ def run_layout(cfg, dims) -> dict:
             "bf16": uses_bf16(cfg)}
 
 
+def _plain_torch_optimizer(layout: dict) -> bool:
+    """DeepSpeed steps torch's AdamW itself (no ZeRO files, no universal loading): ZeRO stage 0,
+    except bf16 pipelines (they get DeepSpeed's bf16 optimizer)."""
+    return layout["zero_stage"] == 0 and not (layout["bf16"] and layout["pipeline"] > 1)
+
+
+def layout_changed(saved: dict, now: dict) -> bool:
+    """Whether the checkpoint must go through its universal copy. Precision counts only where it names
+    the optimizer's files: between plain torch optimizers the weights and moments load as they are
+    (cast), and an unknown saved precision is taken as unchanged."""
+    keys = ["tensor", "pipeline", "data", "zero_stage"]
+    if saved["bf16"] is not None and not (_plain_torch_optimizer(saved) and _plain_torch_optimizer(now)):
+        keys.append("bf16")
+    return any(saved[k] != now[k] for k in keys)
+
+
 def describe(layout: dict) -> str:
+    precision = {True: ", bf16", False: ", fp32", None: ""}[layout.get("bf16")]
     return (f"tensor {layout['tensor']} x pipeline {layout['pipeline']} x data {layout['data']}, "
-            f"ZeRO-{layout['zero_stage']}, {'bf16' if layout.get('bf16') else 'fp32'}")
+            f"ZeRO-{layout['zero_stage']}{precision}")
 
 
 def check_resume_fits(folder: Path, meta: dict, cfg, dims) -> None:
     """Refuse a checkpoint for a model of another shape, or a layout change a plain torch optimizer
     takes part in, before the run folder or any weight is touched."""
     saved, now = saved_layout(meta, folder), run_layout(cfg, dims)
-    if saved != now:
+    if layout_changed(saved, now):
         if not any(folder.glob("*optim_states.pt")):
             raise CheckpointError(
-                f"{folder}: saved at {describe(saved)} without ZeRO optimizer files (parallel.zero_stage=0 in fp32), "
-                f"so it resumes only at that layout, not at {describe(now)}; resume with the saved sizes and "
-                "zero_stage, or export the weights and start a new run from them (checkpoint.init_from)"
+                f"{folder}: saved at {describe(saved)} by a plain torch optimizer (parallel.zero_stage=0, no ZeRO "
+                f"optimizer files), so it resumes only at that layout, not at {describe(now)}; resume with the "
+                "saved sizes, zero_stage and train.dtype, or export the weights and start a new run from them "
+                "(checkpoint.init_from)"
             )
-        if cfg.parallel.zero_stage == 0 and not now["bf16"]:
+        if _plain_torch_optimizer(now):
             raise CheckpointError(
-                f"parallel.zero_stage: 0 (a plain torch optimizer in fp32) cannot take over a checkpoint saved at "
+                f"parallel.zero_stage: 0 (a plain torch optimizer) cannot take over a checkpoint saved at "
                 f"{describe(saved)} ({folder}); use parallel.zero_stage=1, or resume at the saved layout"
             )
         if (saved["tensor"], saved["pipeline"]) != (now["tensor"], now["pipeline"]) and not meta.get("reshardable"):
@@ -78,6 +99,11 @@ def check_resume_fits(folder: Path, meta: dict, cfg, dims) -> None:
                 f"size and ZeRO stage may change), or export the weights (mor export {folder.parent.parent} -o OUT) and "
                 "start a new run from them with checkpoint.init_from=OUT"
             )
+    check_model_shape(folder, meta, cfg)
+
+
+def check_model_shape(folder: Path, meta: dict, cfg) -> None:
+    """Refuse a checkpoint of a model of another shape than cfg's (a --force that changed it)."""
     if "model" in meta.get("config", {}):
         different = _shape_differences(meta["config"], cfg)
         if different:
@@ -124,7 +150,7 @@ def universal_source(folder: Path, meta: dict, cfg, dims) -> Path | None:
     """The folder to load instead of `folder` when this run's layout differs from the saved one,
     after making it (rank 0; cached); None when the checkpoint loads as it is."""
     saved, now = saved_layout(meta, folder), run_layout(cfg, dims)
-    if saved == now:
+    if not layout_changed(saved, now):
         return None
     out = folder.parent.parent / "universal" / folder.name
     group = None

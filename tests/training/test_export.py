@@ -107,3 +107,33 @@ def test_generate_ids_stdout_is_the_result_only(trained_run):  # noqa: F811
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.fullmatch(r"\d+,\d+,\d+\n", r.stdout), r.stdout[-2000:]
     assert "Processing zero checkpoint" in r.stderr
+
+
+def test_export_runs_no_command_a_config_names(trained_run, tiny_dataset, tmp_path):  # noqa: F811
+    """A run's config.yaml is data: a `pipe:` dataset location in it is not run to find the tokenizer
+    (nor is object storage fetched); the export warns and ships the weights."""
+    marker = tmp_path / "RAN"
+    run = relative_copy(trained_run, tmp_path / "work", tiny_dataset, dataset_dir=f"pipe:touch {marker}; cat {{}}")
+    with caplog_at(logging.WARNING) as records:
+        assert main(["export", str(run), "-o", str(tmp_path / "out")]) == 0
+    assert not marker.exists()
+    assert "not a local path: not fetched" in " ".join(r.getMessage() for r in records)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_export_replaces_links_planted_in_its_folder(trained_run, tmp_path):  # noqa: F811
+    """Each file is written beside and renamed into place: a link someone put at its name is
+    replaced, the file it pointed at is neither overwritten nor chmodded."""
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {}
+    for name in ("model.safetensors", "config.yaml", "export.json", "config.json", "modeling_mor.py"):
+        victims[name] = tmp_path / f"victim_{name}"
+        victims[name].write_text("keep me")
+        victims[name].chmod(0o600)
+        (out / name).symlink_to(victims[name])
+    assert main(["export", str(trained_run), "-o", str(out), "--hf"]) == 0
+    for name, victim in victims.items():
+        assert victim.read_text() == "keep me" and victim.stat().st_mode & 0o777 == 0o600, name
+        assert not (out / name).is_symlink() and (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if ".tmp." in p.name]
