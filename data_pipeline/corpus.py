@@ -236,6 +236,10 @@ def _jsonl_docs(path: Path, field: str, part=None) -> Iterator[tuple[str, bool]]
             raise DataError(f"{path}:{where()}", f"not valid JSON: {e}") from None
         text = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(text, str):
+            if isinstance(obj, dict) and field in obj:
+                kind = type(obj[field]).__name__
+                raise DataError(f"{path}:{where()}", f"field {field!r} is of type {kind}, not a string; give every "
+                                "line its text as a string, or another field with --text-field")
             keys = f" (its fields: {', '.join(list(obj)[:8])})" if isinstance(obj, dict) and obj else ""
             raise DataError(f"{path}:{where()}", f"no string field {field!r}{keys}; name the text's field with "
                             "--text-field (data.text_field)")

@@ -91,7 +91,8 @@ class TokenDataset:
                 log.warning("skipping shard %s: %s", loc, problem)
                 self.skipped_shards.append(entry["file"])
             else:
-                raise DataError(loc, problem)
+                raise DataError(loc, f"{problem}; restore it (`mor data verify` lists every bad shard) or set "
+                                     "data.skip_corrupt=true to train without it")
         if not self.shards:
             raise DataError(m.path, f"split {split!r} has no readable samples")
         self.seekable = all(s["local"] is not None for s in self.shards)
@@ -325,8 +326,11 @@ class StreamingLoader:
             msg = (f"{then} samples per epoch at save time, {now} now (skipped shards then: "
                    f"{state['skipped_shards']}, now: {[f for ds in self.datasets for f in ds.skipped_shards]})")
             if not any(ds.skip_corrupt for ds in self.datasets):
-                raise DataError(where, msg)
-            log.warning("resuming a changed stream: %s", msg)
+                raise DataError(where, f"{msg}; resume with the shards as they were at save time (restore or "
+                                       "re-skip them: data.skip_corrupt=true), or start a new run")
+            log.warning("resuming a changed stream: %s; the rest of this epoch is dealt in a new order over the "
+                        "shards there are now (some samples of it repeat, others are not seen); from the next epoch "
+                        "the stream is whole again", msg)
         order = state.get("order", "seek")
         if order == "seek":
             self.position = int(state["position"])

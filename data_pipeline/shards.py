@@ -199,7 +199,8 @@ class ShardReader(_SampleChecks):
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            raise DataError(self.path, "shard is missing") from None
+            raise DataError(self.path, "shard is missing; restore it (`mor data verify` lists every bad shard) or "
+                                       "set data.skip_corrupt=true to train without it") from None
         except OSError as e:
             raise DataError(self.path, f"cannot open shard: {e.strerror}") from None
 

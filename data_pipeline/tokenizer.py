@@ -85,7 +85,8 @@ def fingerprint(tokenizer_json_text: str) -> str:
 def file_fingerprint(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "tokenizer file is missing")
+        raise DataError(path, "tokenizer file is missing; give the path of a tokenizers JSON file (`mor data "
+                              "tokenizer` makes one)")
     try:
         return fingerprint(path.read_text(encoding="utf-8"))
     except DataError as e:
@@ -95,11 +96,13 @@ def file_fingerprint(path: str | Path) -> str:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "tokenizer file is missing")
+        raise DataError(path, "tokenizer file is missing; give the path of a tokenizers JSON file (`mor data "
+                              "tokenizer` makes one)")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a bare Exception for malformed files
-        raise DataError(path, f"not a tokenizers JSON file: {e}") from None
+        raise DataError(path, f"not a tokenizers JSON file: {str(e).splitlines()[0] if str(e) else e}; give the "
+                              "tokenizer.json a Hugging Face tokenizers library saved (`mor data tokenizer` makes one)") from None
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> str:
@@ -121,7 +124,8 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> str:
 def special_id(tok: Tokenizer, token: str, source: str | Path) -> int:
     tid = tok.token_to_id(token)
     if tid is None:
-        raise DataError(source, f"tokenizer has no {token!r} token (needed to separate documents)")
+        raise DataError(source, f"tokenizer has no {token!r} token (needed to separate documents); give a tokenizer "
+                                "that has it, or name the one it has with data.eos_token")
     return tid
 
 

@@ -115,6 +115,13 @@ def _merge(cfg: DictConfig, data, file: Path | None = None, override: str | None
             raise error(group, f"expected a mapping of {group} keys, got {value!r}")
     try:
         return OmegaConf.merge(cfg, data)
+    except TypeError as e:  # a dotted key into a list (data.sources.0.dir=...): OmegaConf's bare TypeError
+        key = override.split("=", 1)[0] if override else "?"
+        parts = key.split(".")
+        whole = ".".join(parts[:next((i for i, x in enumerate(parts) if x.isdigit()), len(parts))])
+        example = "[{dir: A, weight: 0.7}, {dir: B, weight: 0.3}]" if whole == "data.sources" else "[...]"
+        raise error(key, f"cannot set part of a list that way ({e}); give {whole} whole, e.g. "
+                         f"'{whole}={example}'") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         problem = _key_problem(cfg, key) if isinstance(e, ConfigKeyError) else _type_problem(str(e).splitlines()[0])

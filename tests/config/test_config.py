@@ -119,6 +119,8 @@ def test_duplicate_yaml_keys_are_refused_but_merge_keys_may_be_overridden(tmp_pa
     ("train.steps=1e3", "train.steps: '1000.0' is not a whole number; give e.g. 1000 (1e3 reads as a float)"),
     ("optim.lr=fast", "optim.lr: 'fast' is not a number; give e.g. 3e-4"),
     ("logging.run_dir=", "logging.run_dir: needs a value (of type str), it cannot be empty"),
+    # A dotted key into a list: OmegaConf raised a bare TypeError (a traceback).
+    ("data.sources.0.dir=/x", "data.sources.0.dir: cannot set part of a list that way"),
 ])
 def test_a_value_of_the_wrong_type_says_what_to_give(override, said):
     with pytest.raises(ConfigError) as e:

@@ -52,7 +52,10 @@ def test_jsonl_and_parquet_documents(tmp_path):
     with pytest.raises(DataError, match=r"d\.parquet.*no column 'text'"):
         list(iter_pieces(p))
     j.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"txt": "bad"}) + "\n")
-    with pytest.raises(DataError, match=r"d\.jsonl:2: no string field 'text'"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: no string field 'text' \(its fields: txt\); name the"):
+        list(iter_pieces(j))
+    j.write_text(json.dumps({"text": 3}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'text' is of type int, not a string; give every line"):
         list(iter_pieces(j))
 
 
