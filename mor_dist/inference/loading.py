@@ -28,8 +28,7 @@ def load_for_inference(path: str | Path, step: int | None = None):
         model.eval()
         # The dataset's tokenizer, found as the run found it (a relative data path is relative to the
         # folder `mor train` ran in, not to this one).
-        _, found, _ = find_tokenizer(cfg, path, meta)
-        tok_path = Path(found) if found is not None else None  # not found: token ids only
+        tok_path, _ = find_tokenizer(cfg, path, meta)  # not found: token ids only
     else:
         raise CheckpointError(f"{path} is neither an export folder (model.safetensors + config.yaml) nor a run "
                               "folder (config.yaml + checkpoints/)")

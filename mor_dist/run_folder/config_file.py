@@ -6,11 +6,12 @@ The file is written only once a start has built the model and the data and loade
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from mor_dist.run_folder.files import replacing
 
 CONFIG_FILE = "config.yaml"
 
@@ -100,6 +101,5 @@ def write_config(cfg, replaced_differences: list[str]) -> None:
     if replaced_differences and path.is_file():
         keep = run_dir / f"{CONFIG_FILE}.before-force-{time.strftime('%Y%m%d-%H%M%S')}"
         keep.write_text(path.read_text())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(to_yaml(cfg))

@@ -150,15 +150,15 @@ def _rebase(loc: str, base: Path) -> str:
     return str(base / path)
 
 
-def find_tokenizer(cfg, run_dir: Path, meta: dict | None = None) -> tuple[bytes | None, str | None, list[str]]:
-    """(the tokenizer file the run trained with, where it was found, where it was looked for).
+def find_tokenizer(cfg, run_dir: Path, meta: dict | None = None) -> tuple[Path | None, list[str]]:
+    """(the tokenizer file the run trained with, where it was looked for).
 
     data.tokenizer, else the tokenizer beside the dataset's manifest (the first source of a mixture);
     a relative path is tried against each of training_dirs() (meta: the checkpoint's meta.json, with
     the folder training ran in). A dataset found there must be the one the run read (its fingerprint
     in meta's loader state), not another of the same vocabulary. Local paths only: a location in
     object storage or a `pipe:` command is not fetched or run for a lookup (a config.yaml is data;
-    --tokenizer gives such a tokenizer). (None, None, tried) when not found."""
+    --tokenizer gives such a tokenizer). (None, tried) when not found."""
     from mor_dist.data_pipeline import remote
     from mor_dist.data_pipeline.errors import DataError
     from mor_dist.data_pipeline.loader import config_sources
@@ -175,7 +175,7 @@ def find_tokenizer(cfg, run_dir: Path, meta: dict | None = None) -> tuple[bytes 
         else:
             source = _rebase(config_sources(data)[0][0], base)
             if remote.local_path(source) is None:  # the same from every folder
-                return None, None, [*tried, f"{source} (not a local path: not fetched)"]
+                return None, [*tried, f"{source} (not a local path: not fetched)"]
             try:
                 m = load_manifest(source)
             except DataError:
@@ -190,19 +190,19 @@ def find_tokenizer(cfg, run_dir: Path, meta: dict | None = None) -> tuple[bytes 
                 continue
         path = remote.local_path(loc)
         if path is None:
-            return None, None, [*tried, f"{loc} (not a local path: not fetched)"]
+            return None, [*tried, f"{loc} (not a local path: not fetched)"]
         if str(path) in tried:
             continue
         tried.append(str(path))
         if path.is_file():
-            return path.read_bytes(), str(path), tried
-    return None, None, tried
+            return path, tried
+    return None, tried
 
 
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, hf: bool = False,
            tokenizer: str | Path | None = None) -> Path:
     """hf: also the Hugging Face files (mor_dist/hf/export.py), for AutoModelForCausalLM. tokenizer:
-    the tokenizer file to ship (default: the run's, found as the run found it; not found is an error)."""
+    the tokenizer file to ship (default: the run's, found as the run found it; not found: warned, none shipped)."""
     from safetensors.torch import save_file
 
     from mor_dist.config import load_config
@@ -214,11 +214,11 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, hf
     if tokenizer is not None:
         if not Path(tokenizer).is_file():
             raise CheckpointError(f"{tokenizer}: no such tokenizer file; give the tokenizer.json the run trained with")
-        tok_bytes = Path(tokenizer).read_bytes()
+        tok_path = Path(tokenizer)
     state, meta, folder = consolidated_state(run_dir, step)
     if tokenizer is None:
-        tok_bytes, _, tried = find_tokenizer(cfg, run_dir, meta)
-        if tok_bytes is None:  # the weights still export (a purged scratch dataset must not hold them hostage)
+        tok_path, tried = find_tokenizer(cfg, run_dir, meta)
+        if tok_path is None:  # the weights still export (a purged scratch dataset must not hold them hostage)
             from mor_dist.data_pipeline.loader import config_sources
 
             wanted = cfg.data.tokenizer or f"{config_sources(cfg.data)[0][0]}/tokenizer.json"
@@ -236,9 +236,9 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, hf
                   metadata={"step": str(meta["step"]), "tokens_seen": str(meta["tokens_seen"]), "source": str(folder)})
     with replacing(out_dir / "config.yaml") as tmp:
         tmp.write_text((run_dir / "config.yaml").read_text())
-    if tok_bytes is not None:
+    if tok_path is not None:
         with replacing(out_dir / "tokenizer.json") as tmp:
-            tmp.write_bytes(tok_bytes)
+            tmp.write_bytes(tok_path.read_bytes())
     with replacing(out_dir / "export.json") as tmp:
         tmp.write_text(json.dumps({"step": meta["step"], "source": str(folder)}, indent=1))
     if hf:
