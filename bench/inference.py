@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--calibration-seqs", type=int, default=16, help="random sequences for the routers' first setting")
     p.add_argument("--calibration-rounds", type=int, default=3, help="router calibration rounds on the workload's decoding")
-    p.add_argument("--calibration-ticks", type=int, default=150, help="engine ticks recorded per calibration round")
+    p.add_argument("--calibration-ticks", type=int, default=480,
+                   help="engine ticks recorded per calibration round (default: about the stretch MoR-4 is measured over)")
     p.add_argument("--profile-ticks", type=int, default=6, help="ticks profiled per MoR model for the overhead share")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on cuda, fp32 on cpu)")
@@ -161,8 +162,10 @@ def calibrate_live(args, model, kv: str, pooled: dict) -> None:
     r > 1: every token that has just finished step r - 1) and added to `pooled`; then each bias is
     set so that the target share of the pooled scores go on. A request's tokens share much of their
     depth (its context shifts every score), so a quantile over few requests is noisy: one round's
-    ~70 requests moved a router's share by +-0.07 from round to round, hence the pooling over
-    rounds; the depths taken in the measured run are printed with the results. Rounds repeat
+    ~70 requests (150 ticks) moved a router's share by +-0.07 from round to round, hence the pooling
+    over rounds and the default of 480 ticks (~230 requests, about the stretch the slowest model
+    is measured over; measured apart on 2026-11-30: after rounds of 150 ticks MoR-4 share took a mean
+    depth of 2.55 over 21 measured rounds, against the target 2.50; after rounds of 500, 2.49); the depths taken in the measured run are printed with the results. Rounds repeat
     because a router's bias changes which tokens the later ones see."""
     nr = len(model.routers)
     loop = ClosedLoop(model, args.batch, args.prompt_len, args.gen_len, seed=args.seed, kv=kv,
