@@ -162,10 +162,11 @@ def calibrate_live(args, model, kv: str, pooled: dict) -> None:
     r > 1: every token that has just finished step r - 1) and added to `pooled`; then each bias is
     set so that the target share of the pooled scores go on. A request's tokens share much of their
     depth (its context shifts every score), so a quantile over few requests is noisy: one round's
-    ~70 requests (150 ticks) moved a router's share by +-0.07 from round to round, hence the pooling
-    over rounds and the default of 480 ticks (~230 requests, about the stretch the slowest model
-    is measured over; measured apart on 2026-11-30: after rounds of 150 ticks MoR-4 share took a mean
-    depth of 2.55 over 21 measured rounds, against the target 2.50; after rounds of 500, 2.49); the depths taken in the measured run are printed with the results. Rounds repeat
+    ~70 requests (150 ticks) moved a router's share by +-0.07 from round to round. Hence the pooling
+    over rounds, and the default of 480 ticks a round (~230 requests, about the stretch the slowest
+    model is measured over): measured apart, MoR-4 share took a mean depth of 2.55 over 21 measured
+    rounds after rounds of 150 ticks, and 2.49 after rounds of 500, against the target 2.50. The
+    depths taken in the measured run are printed with the results. Rounds repeat
     because a router's bias changes which tokens the later ones see."""
     nr = len(model.routers)
     loop = ClosedLoop(model, args.batch, args.prompt_len, args.gen_len, seed=args.seed, kv=kv,
