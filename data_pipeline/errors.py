@@ -1,6 +1,10 @@
-"""The one exception type of the data pipeline."""
+"""The one exception type of the data pipeline, and what its messages tell users to do."""
 
 from __future__ import annotations
+
+# A shard that is missing or fails its checks, wherever that is found.
+BAD_SHARD_HINT = ("restore it (`mor data verify` lists every bad shard) or set data.skip_corrupt=true to train "
+                  "without it")
 
 
 class DataError(RuntimeError):

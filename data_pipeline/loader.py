@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from mor_dist.data_pipeline import remote
 from mor_dist.data_pipeline import tokenizer as toklib
-from mor_dist.data_pipeline.errors import DataError
+from mor_dist.data_pipeline.errors import BAD_SHARD_HINT, DataError
 from mor_dist.data_pipeline.manifest import Manifest, load_manifest
 from mor_dist.data_pipeline.order import (Mixture, SampleOrder, advance_lanes, fresh_lanes, lanes_from_position,
                                           redeal_lanes)
@@ -91,8 +91,7 @@ class TokenDataset:
                 log.warning("skipping shard %s: %s", loc, problem)
                 self.skipped_shards.append(entry["file"])
             else:
-                raise DataError(loc, f"{problem}; restore it (`mor data verify` lists every bad shard) or set "
-                                     "data.skip_corrupt=true to train without it")
+                raise DataError(loc, f"{problem}; {BAD_SHARD_HINT}")
         if not self.shards:
             raise DataError(m.path, f"split {split!r} has no readable samples")
         self.seekable = all(s["local"] is not None for s in self.shards)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mor_dist.data_pipeline.errors import DataError
+from mor_dist.data_pipeline.errors import BAD_SHARD_HINT, DataError
 
 FIELD = "tokens.npy"
 KEY_DIGITS = 10
@@ -199,8 +199,7 @@ class ShardReader(_SampleChecks):
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            raise DataError(self.path, "shard is missing; restore it (`mor data verify` lists every bad shard) or "
-                                       "set data.skip_corrupt=true to train without it") from None
+            raise DataError(self.path, f"shard is missing; {BAD_SHARD_HINT}") from None
         except OSError as e:
             raise DataError(self.path, f"cannot open shard: {e.strerror}") from None
 

@@ -82,11 +82,16 @@ def fingerprint(tokenizer_json_text: str) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def file_fingerprint(path: str | Path) -> str:
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "tokenizer file is missing; give the path of a tokenizers JSON file (`mor data "
                               "tokenizer` makes one)")
+    return path
+
+
+def file_fingerprint(path: str | Path) -> str:
+    path = _existing(path)
     try:
         return fingerprint(path.read_text(encoding="utf-8"))
     except DataError as e:
@@ -94,10 +99,7 @@ def file_fingerprint(path: str | Path) -> str:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "tokenizer file is missing; give the path of a tokenizers JSON file (`mor data "
-                              "tokenizer` makes one)")
+    path = _existing(path)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a bare Exception for malformed files

@@ -188,9 +188,10 @@ def dry_run(cfg, force: bool = False) -> int:
     # and whether it fits this model and layout (a --force that changed the model's shape is refused).
     mgr = CheckpointManager(Path(cfg.logging.run_dir), cfg.checkpoint.keep_last, "size")
     latest, resume_from, skipped = mgr.latest_name(), None, []
+    launched = "WORLD_SIZE" in os.environ  # the world is known under a launcher; on a login node, only at start
     if cfg.checkpoint.resume:
         resume_from, meta, skipped = mgr.resolve_resume()
-        if resume_from is not None and "WORLD_SIZE" in os.environ:  # under the launcher: the world is known
+        if resume_from is not None and launched:
             check_resume_fits(resume_from, meta, cfg, SimpleNamespace(tp=p.tensor, pp=p.pipeline, dp=dp, rank=0))
         elif resume_from is not None:  # a login node: the data-parallel size and the GPU's precision come at start
             check_model_shape(resume_from, meta, cfg)
@@ -213,7 +214,7 @@ def dry_run(cfg, force: bool = False) -> int:
           f"tokenizer of {tokenizer.get_vocab_size()} tokens; validation "
           + ("split found" if val else "off" if not t.eval_interval else "split MISSING: no evaluation"))
     if resume_from is not None:
-        checked = "" if "WORLD_SIZE" in os.environ else " (its layout is checked at start, where the world is known)"
+        checked = "" if launched else " (its layout is checked at start, where the world is known)"
         folder = f"resumes from checkpoints/{resume_from.name}{checked}" + "".join(
             f"\n  skipped: {why}" for why in skipped)
     else:
